@@ -1,0 +1,130 @@
+"""LoRA through peft, for any part of any family, placed by target-module names.
+
+The family only says which module names to target by default; everything else (config, trainable
+parameters, state dicts in diffusers naming, metadata so a loader rebuilds the same rank and alpha,
+continuing from an existing LoRA file) is here and family-independent.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .. import DifftuneError
+from ..config import MethodConfig
+from ..families.base import unwrap
+
+ADAPTER = "default"
+
+
+def targets_for(part: str, defaults: dict[str, list[str]], method: MethodConfig, denoiser: str) -> Any:
+    """Target modules for `part`: the config's `target_modules` for the denoiser, else the family default."""
+    if part == denoiser and method.target_modules:
+        return method.target_modules
+    if part not in defaults:
+        raise DifftuneError(f"no default LoRA targets for part {part!r}; set method.target_modules")
+    return defaults[part]
+
+
+def add_lora(module: Any, part: str, targets: Any, method: MethodConfig) -> None:
+    """Inject a trainable LoRA adapter into `module` (a diffusers model or a transformers encoder).
+
+    Base weights are frozen; LoRA weights are created in fp32 (gaussian A, zero B, so the adapted
+    model starts exactly at the base model).
+    """
+    import torch
+    from peft import LoraConfig
+
+    rank = method.rank
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=method.alpha if method.alpha is not None else rank,
+        lora_dropout=method.dropout,
+        init_lora_weights="gaussian",
+        target_modules=targets,
+    )
+    module.requires_grad_(False)
+    try:
+        module.add_adapter(config)
+    except ValueError as e:  # peft: "Target modules ... not found in the base model"
+        raise DifftuneError(f"method.target_modules {targets!r} matched no layer of {part}: {e}") from None
+    for p in module.parameters():
+        if p.requires_grad:
+            p.data = p.data.to(torch.float32)
+
+
+def trainable_parameters(module: Any) -> list:
+    return [p for p in unwrap(module).parameters() if p.requires_grad]
+
+
+def lora_state_dict(module: Any) -> dict:
+    """The adapter weights of `module` in diffusers naming (what ``save_lora_weights`` expects)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unwrap(module), adapter_name=ADAPTER))
+
+
+def peft_state_dict(module: Any) -> dict:
+    """The adapter weights in peft naming (for checkpoints, restored with `set_peft_state_dict`)."""
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(unwrap(module), adapter_name=ADAPTER)
+
+
+def set_peft_state_dict(module: Any, state: dict, where: str) -> None:
+    """Load peft-named adapter weights into `module`; every key must land (no silent second adapter)."""
+    from peft.utils import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(unwrap(module), state, adapter_name=ADAPTER)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    if unexpected:
+        raise DifftuneError(f"{where}: {len(unexpected)} LoRA weights do not fit this model (e.g. {unexpected[0]})")
+
+
+def lora_metadata(module: Any) -> dict:
+    """The LoraConfig of `module` as a dict (rank, alpha, targets), stored in the saved file."""
+    return unwrap(module).peft_config[ADAPTER].to_dict()
+
+
+def init_from_lora(family: Any, path: str, parts: list[str]) -> None:
+    """Start training from an existing diffusers-format LoRA (``method.init_lora``).
+
+    The file must have been made for the same parts, rank and targets: a mismatch is an error,
+    never a silently ignored or partially loaded adapter.
+    """
+    import torch
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    file = p / "pytorch_lora_weights.safetensors" if p.is_dir() else p
+    if not file.is_file():
+        raise DifftuneError(f"method.init_lora: no LoRA file at {file}")
+    try:
+        weights = load_file(str(file))
+    except Exception as e:
+        raise DifftuneError(f"method.init_lora: {file} is not a readable safetensors file ({e})") from None
+    for part in parts:
+        prefix = f"{part}."
+        sub = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        if not sub:
+            raise DifftuneError(f"method.init_lora: {file} has no weights for {part} (keys start with "
+                                f"{sorted({k.split('.')[0] for k in weights})})")
+        sub = convert_unet_state_dict_to_peft(sub)
+        model = unwrap(family.parts[part])
+        expected = peft_state_dict(model)
+        missing = sorted(set(expected) - set(sub))
+        extra = sorted(set(sub) - set(expected))
+        if missing or extra:
+            raise DifftuneError(
+                f"method.init_lora: {file} does not match the {part} LoRA of this config "
+                f"({len(missing)} missing, {len(extra)} unexpected weights; check method.target_modules)"
+            )
+        for key, tensor in sub.items():
+            if tuple(tensor.shape) != tuple(expected[key].shape):
+                raise DifftuneError(
+                    f"method.init_lora: {key} has shape {tuple(tensor.shape)} but this config makes "
+                    f"{tuple(expected[key].shape)} (check method.rank)"
+                )
+        set_peft_state_dict(model, {k: v.to(torch.float32) for k, v in sub.items()}, f"method.init_lora {file}")

@@ -1,0 +1,68 @@
+"""The `difftune` command: one entry point, one subcommand per stage.
+
+Subcommand modules are imported only when their command runs (their `add_arguments` functions
+import nothing heavy), so `difftune --help` is instant. Every user error is a `DifftuneError`,
+printed as one line on stderr with a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import DifftuneError, __version__
+
+#: command -> ("module:add_arguments_function:run_function:EXAMPLES_NAME", one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("difftune.commands:add_train_arguments:run_train:TRAIN_EXAMPLES",
+              "train a LoRA or full fine-tune from a YAML config"),
+    "generate": ("difftune.generate:add_arguments:run:EXAMPLES", "generate images with a model and any LoRAs"),
+    "tiny": ("difftune.tiny:add_arguments:run:EXAMPLES", "write a tiny random pipeline (offline) in the diffusers layout"),
+    "demo": ("difftune.demo:add_arguments:run:EXAMPLES",
+             "the whole journey on a built-in tiny model, in a few minutes on a CPU"),
+    "fetch": ("difftune.fetch:add_arguments:run:EXAMPLES",
+              "download images from URL lists or numbered URL patterns, safely"),
+    "config": ("difftune.commands:add_config_arguments:run_config:CONFIG_EXAMPLES",
+               "print the config reference or check a config file"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="difftune",
+        description="Fine-tune text-to-image diffusion models (Stable Diffusion 1.x/2.x, FLUX.1, Kandinsky 2.2) "
+        "on your own pictures.",
+        epilog="Run `difftune COMMAND --help` for a command's options and examples.",
+    )
+    parser.add_argument("--version", action="version", version=f"difftune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (spec, help_text) in COMMANDS.items():
+        module_name, adder, runner, examples = spec.split(":")
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=getattr(module, examples, None),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        getattr(module, adder)(p)
+        p.set_defaults(_module=module_name, _runner=runner)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    runner = getattr(importlib.import_module(args._module), args._runner)
+    try:
+        return int(runner(args) or 0)
+    except DifftuneError as e:
+        print(f"difftune {args.command}: error: {e}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
+    except KeyboardInterrupt:
+        print(f"difftune {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

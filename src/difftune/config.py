@@ -1,0 +1,490 @@
+"""The run configuration: typed dataclasses, a strict YAML loader and `key.path=value` overrides.
+
+Every field is documented in its ``doc`` metadata; ``difftune config-reference`` and the README's
+config reference are generated from these docstrings, so this file is the one source of truth.
+
+Strictness is the point: an unknown key is an error that names the key and suggests the closest
+valid one, a value of the wrong type is an error naming the key, and cross-field checks
+(`validate`) run before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from . import DifftuneError
+
+
+class ConfigError(DifftuneError):
+    """A config file or override that cannot be used. The message names the key."""
+
+
+def _f(default: Any = dataclasses.MISSING, doc: str = "", factory: Any = dataclasses.MISSING):
+    """A dataclass field with a docstring kept in its metadata."""
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass
+class ModelConfig:
+    """Which base model to fine-tune."""
+
+    path: str = _f("", "Hub id (e.g. `black-forest-labs/FLUX.1-dev`) or a local diffusers pipeline folder.")
+    family: str = _f(
+        "auto",
+        "`auto` reads `model_index.json`; or one of `sd`, `flux`, `kandinsky22-prior`, `kandinsky22-decoder`.",
+    )
+    revision: Optional[str] = _f(None, "Hub revision (branch, tag or commit) to load.")
+    variant: Optional[str] = _f(None, "Weight variant to load, e.g. `fp16`.")
+    prior: Optional[str] = _f(
+        None,
+        "Kandinsky 2.2 decoder only: the prior pipeline whose CLIP image encoder makes the decoder's "
+        "conditioning embeddings.",
+    )
+
+
+@dataclass
+class MethodConfig:
+    """How the model is adapted."""
+
+    kind: Literal["lora", "full"] = _f("lora", "`lora` trains low-rank adapters; `full` trains every weight.")
+    rank: int = _f(16, "LoRA rank.")
+    alpha: Optional[float] = _f(None, "LoRA alpha (scale = alpha / rank); defaults to the rank.")
+    dropout: float = _f(0.0, "LoRA dropout probability.")
+    target_modules: Optional[Union[str, list[str]]] = _f(
+        None,
+        "Module names (or suffixes) that get LoRA; `all-linear` for every linear layer; empty = the "
+        "family's default (attention projections).",
+    )
+    train_text_encoder: bool = _f(
+        False, "Also train the text encoder(s): LoRA on their attention with `lora`, all weights with `full`."
+    )
+    init_lora: Optional[str] = _f(
+        None, "Start from an existing LoRA (a folder or .safetensors file); rank and targets must match."
+    )
+
+
+@dataclass
+class ConceptConfig:
+    """One source of training images. Several concepts are mixed in one run."""
+
+    dir: Optional[str] = _f(
+        None, "Image folder. Captions: a sidecar `NAME.txt`, or `metadata.jsonl` / `metadata.csv` (file_name, text)."
+    )
+    hf: Optional[str] = _f(
+        None, "A Hugging Face dataset: hub id, or a local parquet/arrow file or folder (instead of `dir`)."
+    )
+    split: str = _f("train", "Dataset split (with `hf`).")
+    image_column: str = _f("image", "Image column (with `hf`).")
+    caption_column: str = _f("text", "Caption column (with `hf`).")
+    prompt: str = _f("", "Prompt for images without their own caption.")
+    caption_template: str = _f(
+        "{caption}", "How the caption becomes the prompt, e.g. `{caption}, in sksartist style`."
+    )
+    caption_dropout: float = _f(0.0, "Probability of training an image with an empty prompt.")
+    repeats: int = _f(1, "How many times each image appears per epoch.")
+
+
+@dataclass
+class DataConfig:
+    """Training images and how they are prepared."""
+
+    resolution: int = _f(512, "Training resolution in pixels (the side of the square pixel budget).")
+    concepts: list[ConceptConfig] = _f(factory=list, doc="One or more concepts, trained together.")
+    crop: Literal["center", "random"] = _f("center", "How images are cropped to their bucket.")
+    random_flip: bool = _f(False, "Flip images horizontally at random.")
+    buckets: bool = _f(
+        False, "Aspect-ratio buckets: keep each image's shape within resolution² pixels instead of a square crop."
+    )
+    cache: bool = _f(True, "Cache VAE latents and text embeddings on disk (when their encoders are frozen).")
+    cache_dir: Optional[str] = _f(None, "Where caches live; default `OUTPUT_DIR/cache`.")
+    workers: int = _f(0, "Data-loading worker processes (0 = load in the training process).")
+
+
+@dataclass
+class ObjectiveConfig:
+    """The denoising objective. Defaults come from the model's scheduler."""
+
+    prediction_type: Optional[Literal["epsilon", "v_prediction", "sample"]] = _f(
+        None, "DDPM families: what the network predicts; default from the scheduler config."
+    )
+    min_snr_gamma: Optional[float] = _f(None, "DDPM families: min-SNR loss weighting (5.0 is common); off if empty.")
+    timestep_sampling: Literal["uniform", "logit_normal", "mode"] = _f(
+        "uniform", "How training timesteps are drawn. Flow matching usually uses `logit_normal`."
+    )
+    logit_mean: float = _f(0.0, "Mean for `logit_normal` sampling.")
+    logit_std: float = _f(1.0, "Standard deviation for `logit_normal` sampling.")
+    mode_scale: float = _f(1.29, "Scale for `mode` sampling.")
+    shift: Optional[float] = _f(
+        None,
+        "Flow matching: timestep shift. Empty = resolution-dependent shift from the scheduler config when "
+        "it uses dynamic shifting, else the scheduler's `shift`.",
+    )
+    weighting: Literal["none", "sigma_sqrt", "cosmap"] = _f("none", "Flow matching: loss weighting scheme.")
+    guidance: float = _f(1.0, "Guidance-distilled models (FLUX.1-dev): the guidance value fed while training.")
+    max_sequence_length: Optional[int] = _f(
+        None, "Text tokens for T5-style encoders; default the family's (512 for FLUX.1-dev)."
+    )
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    steps: int = _f(1000, "Optimizer steps.")
+    batch_size: int = _f(1, "Images per micro-batch per device.")
+    grad_accum: int = _f(1, "Micro-batches per optimizer step.")
+    lr: float = _f(1.0e-4, "Peak learning rate.")
+    text_encoder_lr: Optional[float] = _f(None, "Learning rate for the text encoder(s); default `lr`.")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] = _f(
+        "constant", "Learning-rate schedule."
+    )
+    lr_warmup_steps: int = _f(0, "Warm-up steps for the schedule.")
+    seed: int = _f(0, "Seed for weights of new layers, data order, noise and timesteps.")
+    precision: Literal["no", "fp16", "bf16"] = _f(
+        "bf16", "Mixed precision. Frozen weights are stored in this dtype; trained ones stay fp32."
+    )
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
+    optimizer: Literal["adamw", "adamw8bit"] = _f("adamw", "`adamw8bit` needs bitsandbytes and a CUDA GPU.")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    adam_epsilon: float = _f(1.0e-8, "AdamW epsilon.")
+    weight_decay: float = _f(1.0e-2, "AdamW weight decay.")
+    max_grad_norm: Optional[float] = _f(1.0, "Clip gradients to this global norm; empty = no clipping.")
+    max_nonfinite_steps: int = _f(5, "Stop after this many optimizer steps in a row with a non-finite loss.")
+    log_every: int = _f(10, "Write loss, lr and grad norm to tensorboard every N steps.")
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints that a rerun resumes from."""
+
+    every: int = _f(200, "Save a checkpoint every N optimizer steps (0 = only at the end).")
+    keep: int = _f(3, "Keep the newest N complete checkpoints (at least 1).")
+    resume: str = _f(
+        "auto", "`auto`: continue from the newest complete checkpoint in output_dir; `never`; or a checkpoint path."
+    )
+
+
+@dataclass
+class ValidationConfig:
+    """Sample images during training."""
+
+    prompts: list[str] = _f(factory=list, doc="Prompts to sample; none = no samples.")
+    every: int = _f(0, "Sample every N steps (0 = only at the end).")
+    steps: int = _f(25, "Inference steps per sample.")
+    guidance: Optional[float] = _f(None, "Guidance scale; default the family's.")
+    seed: int = _f(0, "Seed for the samples, so runs compare image for image.")
+    num_images: int = _f(1, "Images per prompt.")
+
+
+@dataclass
+class Config:
+    """A difftune training run."""
+
+    model: ModelConfig = _f(factory=ModelConfig, doc="The base model.")
+    method: MethodConfig = _f(factory=MethodConfig, doc="LoRA or full fine-tune.")
+    data: DataConfig = _f(factory=DataConfig, doc="Training data.")
+    objective: ObjectiveConfig = _f(factory=ObjectiveConfig, doc="Denoising objective.")
+    train: TrainConfig = _f(factory=TrainConfig, doc="Optimisation.")
+    checkpoint: CheckpointConfig = _f(factory=CheckpointConfig, doc="Checkpoints and resume.")
+    validation: ValidationConfig = _f(factory=ValidationConfig, doc="Samples during training.")
+    output_dir: str = _f("", "Where everything lands: weights, checkpoints, samples, logs, the resolved config.")
+
+
+# --------------------------------------------------------------------------------------------
+# Building typed values from plain YAML data
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+_YAML_FALSE = ("no", "off", "false")
+_YAML_TRUE = ("yes", "on", "true")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check and convert one YAML value to the field type `tp`; raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if isinstance(value, bool):  # YAML 1.1 reads `no`, `off`, `yes`, `on` as booleans
+            spelled = [a for a in allowed if str(a).lower() in (_YAML_FALSE if not value else _YAML_TRUE)]
+            value = spelled[0] if spelled else value
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}{hint}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} keys, got {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads `1e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported config type {tp!r} for {key}")
+
+
+def _unknown_key(cls, name: str, prefix: str) -> ConfigError:
+    valid = [f.name for f in dataclasses.fields(cls)]
+    where = f"{prefix}.{name}" if prefix else name
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
+    return ConfigError(f"unknown config key {where!r}{hint} (valid keys here: {', '.join(valid)})")
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = _hints(cls)
+    kwargs = {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    for name, value in data.items():
+        if name not in names:
+            raise _unknown_key(cls, str(name), prefix)
+        kwargs[name] = _convert(value, hints[name], f"{prefix}.{name}" if prefix else name)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain data (what is written to `config.yaml`)."""
+    return dataclasses.asdict(cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# Overrides, loading, validation
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-5` -> (["train", "lr"], 1e-5). The value is read as YAML, so types come out right."""
+    import yaml
+
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has no key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_override(data: dict, path: list[str], value: Any) -> None:
+    """Set `value` at `path` in the nested dict `data`, checking each key against the schema.
+
+    A list index may appear in the path (`data.concepts.0.repeats=5`).
+    """
+    cls: Any = Config
+    node: Any = data
+    for depth, part in enumerate(path):
+        last = depth == len(path) - 1
+        where = ".".join(path[:depth])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"{where}: {part!r} is not an index of a list of {len(node)} items")
+            if last:
+                node[int(part)] = value
+                return
+            node = node[int(part)]
+            continue
+        names = {f.name for f in dataclasses.fields(cls)}
+        if part not in names:
+            raise _unknown_key(cls, part, where)
+        if last:
+            node[part] = value
+            return
+        tp = _hints(cls)[part]
+        if typing.get_origin(tp) is list:
+            (item,) = typing.get_args(tp)
+            node = node.setdefault(part, [])
+            cls = item
+            continue
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"{'.'.join(path[: depth + 1])} is a value, not a section")
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{'.'.join(path[: depth + 1])} must be a mapping")
+        cls = tp
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config, apply `key.path=value` overrides, check types. Does not touch models or data."""
+    import yaml
+
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{p}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+        data = loaded
+    for text in overrides:
+        keys, value = parse_override(text)
+        apply_override(data, keys, value)
+    return _build(Config, data)
+
+
+def config_from_dict(data: dict) -> Config:
+    """Build a Config from plain data (e.g. a checkpoint's saved config)."""
+    return _build(Config, data)
+
+
+def validate(cfg: Config, *, resolution_multiple: int | None = None, check_paths: bool = True) -> None:
+    """Cross-field checks that need no model. `resolution_multiple` comes from the family."""
+    problems: list[str] = []
+    if not cfg.model.path:
+        problems.append("model.path is required (a hub id or a local diffusers folder)")
+    if not cfg.output_dir:
+        problems.append("output_dir is required")
+    m, t, d, c = cfg.method, cfg.train, cfg.data, cfg.checkpoint
+    if m.kind == "lora":
+        if m.rank <= 0:
+            problems.append(f"method.rank must be > 0, got {m.rank}")
+        if m.alpha is not None and m.alpha <= 0:
+            problems.append(f"method.alpha must be > 0, got {m.alpha}")
+        if not 0.0 <= m.dropout < 1.0:
+            problems.append(f"method.dropout must be in [0, 1), got {m.dropout}")
+    elif m.init_lora:
+        problems.append("method.init_lora needs method.kind: lora")
+    for key, value in (("train.steps", t.steps), ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum)):
+        if value < 1:
+            problems.append(f"{key} must be >= 1, got {value}")
+    if t.lr <= 0:
+        problems.append(f"train.lr must be > 0, got {t.lr}")
+    if t.max_grad_norm is not None and t.max_grad_norm <= 0:
+        problems.append(f"train.max_grad_norm must be > 0 or empty, got {t.max_grad_norm}")
+    if t.max_nonfinite_steps < 1:
+        problems.append(f"train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
+    if c.keep < 1:
+        problems.append(f"checkpoint.keep must be >= 1, got {c.keep}")
+    if c.every < 0:
+        problems.append(f"checkpoint.every must be >= 0, got {c.every}")
+    if d.resolution <= 0:
+        problems.append(f"data.resolution must be > 0, got {d.resolution}")
+    elif resolution_multiple and d.resolution % resolution_multiple:
+        problems.append(
+            f"data.resolution {d.resolution} is not a multiple of {resolution_multiple}, which this model needs"
+            f" (try {max(resolution_multiple, round(d.resolution / resolution_multiple) * resolution_multiple)})"
+        )
+    if not d.concepts:
+        problems.append("data.concepts is empty: add at least one concept with a `dir` or `hf`")
+    for i, concept in enumerate(d.concepts):
+        key = f"data.concepts[{i}]"
+        if bool(concept.dir) == bool(concept.hf):
+            problems.append(f"{key} needs exactly one of `dir` or `hf`")
+        elif concept.dir and check_paths and not Path(concept.dir).is_dir():
+            problems.append(f"{key}.dir: folder not found: {concept.dir}")
+        if concept.repeats < 1:
+            problems.append(f"{key}.repeats must be >= 1, got {concept.repeats}")
+        if not 0.0 <= concept.caption_dropout <= 1.0:
+            problems.append(f"{key}.caption_dropout must be in [0, 1], got {concept.caption_dropout}")
+        if "{caption}" not in concept.caption_template:
+            problems.append(f"{key}.caption_template must contain {{caption}}, got {concept.caption_template!r}")
+    if cfg.validation.every < 0:
+        problems.append(f"validation.every must be >= 0, got {cfg.validation.every}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def reference_markdown() -> str:
+    """The config reference (every key, its type, default and meaning) as Markdown, for the README."""
+    lines: list[str] = []
+
+    def section(cls, prefix: str) -> None:
+        hints = _hints(cls)
+        rows = []
+        nested = []
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            key = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(tp):
+                nested.append((tp, key + "."))
+                continue
+            if typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+                nested.append((typing.get_args(tp)[0], key + "[]."))
+                continue
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            else:
+                default = f.default_factory()  # type: ignore[misc]
+            shown = "" if default in ("", None, []) else f"`{default}`"
+            rows.append(f"| `{key}` | {_type_name(tp)} | {shown} | {f.metadata.get('doc', '')} |")
+        if rows:
+            lines.append(f"**{prefix.rstrip('.') or 'top level'}** — {(cls.__doc__ or '').strip()}\n")
+            lines.append("| key | type | default | meaning |")
+            lines.append("| --- | --- | --- | --- |")
+            lines.extend(rows)
+            lines.append("")
+        for tp, p in nested:
+            section(tp, p)
+
+    section(Config, "")
+    return "\n".join(lines)

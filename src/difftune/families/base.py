@@ -1,0 +1,248 @@
+"""The Family interface: everything the training loop needs to know about one kind of model.
+
+A family wraps a diffusers pipeline folder (hub id or local) and answers, in model-agnostic terms:
+
+- which *parts* it has (``self.parts``: name -> module, tokenizer or scheduler, as in
+  ``pipeline.components``) and which of them is the *denoiser* that gets trained;
+- how a batch of images becomes per-image features (`encode_images`: always an ``x0`` tensor in
+  the space the objective works in, plus any image conditioning) and how prompts become per-prompt
+  features (`encode_prompts`);
+- which objective it trains with (`make_objective`) and how the denoiser predicts the objective's
+  target from a noisy ``x_t`` (`predict`);
+- how trained weights are written so that the matching diffusers pipeline loads them
+  (`save_lora`, `save_full`) and how images are sampled (`sample`, `load_pipeline`, `generate`).
+
+Shared code (train.py, generate.py, adapters) only talks to this interface; it never asks which
+family it has. Feature dicts hold batched tensors whose first dimension is the batch, so they can
+be cached per item and collated again.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from .. import DifftuneError
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import torch
+
+    from ..config import Config
+
+
+def unwrap(module: Any) -> Any:
+    """The plain module under DDP / torch.compile wrappers."""
+    while True:
+        if hasattr(module, "_orig_mod"):
+            module = module._orig_mod
+        elif module.__class__.__name__ in ("DistributedDataParallel", "DataParallel") and hasattr(module, "module"):
+            module = module.module
+        else:
+            return module
+
+
+def read_model_index(path: str, revision: str | None = None) -> dict:
+    """`model_index.json` of a local folder or hub id (a clear error when neither works)."""
+    local = Path(path)
+    if local.is_dir():
+        index = local / "model_index.json"
+        if not index.is_file():
+            raise DifftuneError(f"{path}: not a diffusers pipeline folder (no model_index.json)")
+        return json.loads(index.read_text())
+    if local.exists() or path.startswith((".", "/", "~")):
+        raise DifftuneError(f"model path not found or not a folder: {path}")
+    try:
+        from diffusers import DiffusionPipeline
+
+        return dict(DiffusionPipeline.load_config(path, revision=revision))
+    except Exception as e:  # network, auth, missing repo: say which and why in one line
+        raise DifftuneError(f"cannot read model_index.json of {path!r} from the hub: {type(e).__name__}: {e}") from None
+
+
+def read_part_config(path: str, part: str, name: str = "config.json", revision: str | None = None) -> dict:
+    """A part's config file (e.g. ``vae/config.json``) without loading any weights."""
+    local = Path(path)
+    if local.is_dir():
+        f = local / part / name
+        return json.loads(f.read_text()) if f.is_file() else {}
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(path, f"{part}/{name}", revision=revision)).read_text())
+    except Exception:
+        return {}
+
+
+class Family:
+    """Base class of model families. Subclasses set the class attributes and the encode/predict maths."""
+
+    #: registry name, e.g. ``sd``
+    name: ClassVar[str] = ""
+    #: diffusers pipeline class names (``model_index.json``'s ``_class_name``) this family handles
+    pipeline_classes: ClassVar[tuple[str, ...]] = ()
+    #: the part that is trained (``unet``, ``transformer``, ``prior``)
+    denoiser: ClassVar[str] = "unet"
+    #: text encoder parts, trainable with ``method.train_text_encoder``
+    text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)
+    #: default LoRA target module names per part (``method.target_modules`` overrides the denoiser's)
+    lora_targets: ClassVar[dict[str, list[str]]] = {}
+    #: guidance scale for samples when the config gives none
+    default_guidance: ClassVar[float] = 7.5
+    #: the part whose spatial factor constrains resolutions, and the extra factor on top of it (packing)
+    autoencoder: ClassVar[str | None] = "vae"
+    extra_resolution_factor: ClassVar[int] = 1
+
+    def __init__(self, cfg: "Config", device: "torch.device", weight_dtype: "torch.dtype"):
+        self.cfg = cfg
+        self.device = device
+        self.weight_dtype = weight_dtype
+        self.parts: dict[str, Any] = {}
+        self.index: dict[str, Any] = {}
+
+    # ---- static facts, readable before loading -------------------------------------------
+
+    @classmethod
+    def resolution_multiple(cls, model_path: str, revision: str | None = None) -> int:
+        """Image sides must be a multiple of this (the autoencoder's downsampling, times packing)."""
+        if cls.autoencoder is None:
+            return 1
+        conf = read_part_config(model_path, cls.autoencoder, revision=revision)
+        blocks = conf.get("block_out_channels")
+        factor = 2 ** (len(blocks) - 1) if blocks else 8
+        return factor * cls.extra_resolution_factor
+
+    # ---- loading -----------------------------------------------------------------------------
+
+    def trainable_part_names(self) -> list[str]:
+        """Parts that get trained (LoRA or full): the denoiser, plus text encoders when asked."""
+        names = [self.denoiser]
+        if self.cfg.method.train_text_encoder:
+            names += list(self.text_encoders)
+        return names
+
+    def load(self) -> None:
+        """Load every part: frozen ones in the mixed-precision dtype, fully trained ones in fp32.
+
+        Loading part by part keeps peak RAM near the size of the final model (no fp32 copy of a
+        model that will live in bf16).
+        """
+        import torch
+
+        m = self.cfg.model
+        index = self.index = read_model_index(m.path, m.revision)
+        full = set(self.trainable_part_names()) if self.cfg.method.kind == "full" else set()
+        for name, spec in index.items():
+            if name.startswith("_") or not isinstance(spec, (list, tuple)) or spec[0] is None:
+                continue
+            library, class_name = spec
+            cls = getattr(importlib.import_module(library), class_name)
+            kwargs: dict[str, Any] = {"subfolder": name, "revision": m.revision}
+            if hasattr(cls, "parameters") or issubclass(cls, torch.nn.Module):
+                kwargs["torch_dtype"] = torch.float32 if name in full else self.weight_dtype
+                if m.variant:
+                    kwargs["variant"] = m.variant
+            try:
+                part = cls.from_pretrained(m.path, **kwargs)
+            except Exception as e:
+                raise DifftuneError(f"cannot load {name} ({class_name}) from {m.path}: {type(e).__name__}: {e}") from None
+            if isinstance(part, torch.nn.Module):
+                part.requires_grad_(False)
+                part.eval()
+                part.to(self.device)
+            self.parts[name] = part
+        missing = [p for p in [self.denoiser, *self.text_encoders] if p not in self.parts]
+        if missing:
+            raise DifftuneError(f"{m.path}: the {self.name} family needs parts {missing}, which model_index.json lacks")
+        self.after_load()
+
+    def after_load(self) -> None:
+        """Hook for family-specific setup once parts are loaded (e.g. loading a second pipeline)."""
+
+    # ---- the maths (subclasses) -----------------------------------------------------------------
+
+    def encode_images(self, pixels: "torch.Tensor") -> dict[str, "torch.Tensor"]:
+        """``pixels``: float ``[B, 3, H, W]`` in [-1, 1] on the device. Returns per-image features,
+        always with ``x0`` (the clean sample in the objective's space)."""
+        raise NotImplementedError  # abstract
+
+    def encode_prompts(self, prompts: list[str]) -> dict[str, "torch.Tensor"]:
+        """Per-prompt conditioning, batched on the first dimension."""
+        raise NotImplementedError  # abstract
+
+    def make_objective(self) -> Any:
+        """The objective (DDPM or flow matching) configured from the model and ``cfg.objective``."""
+        raise NotImplementedError  # abstract
+
+    def predict(self, x_t: "torch.Tensor", t: "torch.Tensor", features: dict[str, "torch.Tensor"]) -> "torch.Tensor":
+        """The denoiser's prediction of the objective's target, same shape as ``x_t``."""
+        raise NotImplementedError  # abstract
+
+    # ---- outputs ------------------------------------------------------------------------------
+
+    def save_lora(self, out_dir: Path, states: dict[str, dict], metadata: dict[str, dict]) -> None:
+        """Write ``pytorch_lora_weights.safetensors`` the way the pipeline's ``load_lora_weights`` reads it.
+
+        ``states``: part name -> LoRA state dict in diffusers naming; ``metadata``: part name -> the
+        peft LoraConfig as a dict (rank, alpha, targets), stored in the file's header.
+        """
+        import diffusers
+
+        pipeline_cls = getattr(diffusers, self.pipeline_classes[0])
+        kwargs = {}
+        for part, state in states.items():
+            kwargs[f"{part}_lora_layers"] = state
+            kwargs[f"{part}_lora_adapter_metadata"] = metadata[part]
+        pipeline_cls.save_lora_weights(str(out_dir), **kwargs)
+
+    def build_pipeline(self) -> Any:
+        """A diffusers pipeline made of the current (possibly trained) parts, for sampling or saving."""
+        import diffusers
+
+        pipeline_cls = getattr(diffusers, self.pipeline_classes[0])
+        modules, optional = pipeline_cls._get_signature_keys(pipeline_cls)
+        kwargs = {k: unwrap(self.parts.get(k)) for k in modules}
+        kwargs.update({k: v for k, v in self.index.items() if k in optional and not isinstance(v, list)})
+        return pipeline_cls(**kwargs)
+
+    def text_encoders_to(self, device: Any) -> None:
+        """Move the text encoders (e.g. back to the accelerator for sampling, or off it)."""
+        import torch
+
+        for name in self.text_encoders:
+            part = self.parts.get(name)
+            if isinstance(part, torch.nn.Module):
+                part.to(device)
+
+    def save_full(self, out_dir: Path) -> None:
+        """Write a complete pipeline folder with the trained parts (``from_pretrained(out_dir)`` loads it)."""
+        self.build_pipeline().save_pretrained(str(out_dir), safe_serialization=True)
+
+    @classmethod
+    def load_pipeline(cls, path: str, device: Any, dtype: Any, extra: dict | None = None) -> Any:
+        """A pipeline for `difftune generate`: base model (hub id or folder) on `device`."""
+        import diffusers
+
+        pipeline_cls = getattr(diffusers, cls.pipeline_classes[0])
+        pipe = pipeline_cls.from_pretrained(path, torch_dtype=dtype)
+        return pipe.to(device)
+
+    @classmethod
+    def apply_loras(cls, pipe: Any, loras: list[tuple[str, float]]) -> None:
+        """Load LoRA files into `pipe` as named adapters and activate them with their scales."""
+        names = []
+        for i, (path, _) in enumerate(loras):
+            name = f"lora{i}"
+            pipe.load_lora_weights(path, adapter_name=name)
+            names.append(name)
+        if names:
+            pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
+
+    @classmethod
+    def sample(cls, pipe: Any, prompt: str, *, steps: int, guidance: float, width: int, height: int,
+               generator: Any, num: int = 1) -> list[Any]:
+        """Images (PIL) for one prompt with a ready pipeline."""
+        out = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
+                   generator=generator, num_images_per_prompt=num)
+        return list(out.images)

@@ -1,0 +1,542 @@
+"""The training loop, readable top to bottom.
+
+``train(cfg)``: check the config and data, load the model, attach the method (LoRA or full), resume
+from the newest complete checkpoint, cache prompt embeddings, then for each optimizer step:
+accumulate micro-batches, clip, step, log, checkpoint, sample. Finally write the weights in the
+format the matching diffusers pipeline loads.
+
+Exactness: batch contents, augmentation, noise and timesteps are pure functions of
+``(seed, micro-batch number, process)``; the remaining global RNG use (e.g. LoRA dropout) is saved
+and restored with the checkpoint. A run killed at any moment and restarted therefore ends with the
+same weights as an uninterrupted one (bit for bit on CPU).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import signal
+import time
+from pathlib import Path
+from . import DifftuneError
+from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
+from .config import Config, config_from_dict, to_dict, validate
+
+#: exit code of a run stopped by SIGTERM / SIGINT after saving a checkpoint ("try again later")
+EXIT_INTERRUPTED = 75
+
+#: config sections / keys that must not change when resuming (weights would not fit or mean else)
+RESUME_LOCKED = {
+    "model": ("path", "family", "revision", "variant", "prior"),
+    "method": ("kind", "rank", "alpha", "target_modules", "train_text_encoder"),
+}
+
+
+class Interrupted(DifftuneError):
+    """The run was asked to stop (SIGTERM / SIGINT); a checkpoint was written."""
+
+    exit_code = EXIT_INTERRUPTED
+
+
+def micro_seed(seed: int, k: int, rank: int) -> int:
+    """A seed for global micro-batch `k` on process `rank`: noise and timesteps replay exactly."""
+    digest = hashlib.sha256(f"{seed}:{k}:{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _dump_yaml(cfg: Config) -> str:
+    import yaml
+
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def check_resume_compatible(saved: Config, cfg: Config, where: Path) -> None:
+    """Refuse a resume whose config change would make the saved weights meaningless."""
+    changes = []
+    for section, keys in RESUME_LOCKED.items():
+        for key in keys:
+            old, new = getattr(getattr(saved, section), key), getattr(getattr(cfg, section), key)
+            if old != new:
+                changes.append(f"{section}.{key}: {old!r} -> {new!r}")
+    if changes:
+        raise DifftuneError(
+            f"cannot resume from {where}: the config changed what was trained ({'; '.join(changes)}). "
+            "Use a new output_dir, or checkpoint.resume=never to start over in this one."
+        )
+
+
+def find_resume(cfg: Config, log) -> Path | None:
+    """The checkpoint to resume from per ``checkpoint.resume``, after saying why torn ones are passed over."""
+    mode = cfg.checkpoint.resume
+    if mode == "never":
+        return None
+    if mode != "auto":
+        path = Path(mode)
+        if not path.is_dir():
+            raise DifftuneError(f"checkpoint.resume: no checkpoint folder at {path}")
+        return path
+    good, torn = list_checkpoints(cfg.output_dir)
+    newest_good = good[-1].step if good else -1
+    for path, reason in torn:
+        log(f"passing over checkpoint {path.name}: {reason}")
+    if not good:
+        return None
+    if torn and max(int(p.name.split("-")[-1]) for p, _ in torn) > newest_good:
+        log(f"resuming from the newest complete checkpoint instead: {good[-1].path.name}")
+    return good[-1].path
+
+
+# -----------------------------------------------------------------------------------------------
+
+
+def _rng_state() -> tuple[dict, dict]:
+    import numpy as np
+    import torch
+
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda_{i}"] = s
+    py = random.getstate()
+    npstate = np.random.get_state()
+    plain = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [npstate[0], npstate[1].tolist(), int(npstate[2]), int(npstate[3]), float(npstate[4])],
+    }
+    return tensors, plain
+
+
+def _set_rng_state(tensors: dict, plain: dict) -> None:
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda_"))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    py = plain["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = plain["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+
+
+def _make_optimizer(cfg: Config, groups: list[dict]):
+    import torch
+
+    t = cfg.train
+    kwargs = dict(betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay)
+    if t.optimizer == "adamw8bit":
+        if not torch.cuda.is_available():
+            raise DifftuneError("train.optimizer=adamw8bit needs a CUDA GPU (bitsandbytes); use adamw on this machine")
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise DifftuneError("train.optimizer=adamw8bit needs bitsandbytes: pip install bitsandbytes") from None
+        return bnb.optim.AdamW8bit(groups, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def _oom_message(cfg: Config) -> str:
+    t, d = cfg.train, cfg.data
+    return (
+        f"out of accelerator memory at resolution {d.resolution}, batch_size {t.batch_size}, precision "
+        f"{t.precision}, gradient_checkpointing {t.gradient_checkpointing}. Try train.gradient_checkpointing=true, "
+        "a smaller train.batch_size (raise train.grad_accum to keep the effective batch), a lower "
+        "data.resolution, or method.kind=lora."
+    )
+
+
+class _StopFlag:
+    """Set by SIGTERM / SIGINT; the loop finishes its step, saves and exits."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old: dict = {}
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+# -----------------------------------------------------------------------------------------------
+
+
+def train(cfg: Config, log=print) -> Path:
+    """Run training as configured; returns the output folder. Raises DifftuneError on bad input."""
+    import torch
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+
+    from .adapters import lora
+    from .data.dataset import TrainingData, build_items
+    from .families.registry import resolve_family
+
+    # ---- check everything that needs no model -------------------------------------------------
+    family_cls = resolve_family(cfg.model.path, cfg.model.family, cfg.model.revision)
+    multiple = family_cls.resolution_multiple(cfg.model.path, cfg.model.revision)
+    validate(cfg, resolution_multiple=multiple)
+    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+        raise DifftuneError("train.precision=fp16 needs a CUDA GPU; use bf16 or no on this machine")
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.precision, log_with="tensorboard", project_dir=str(out / "logs")
+    )
+    main = accelerator.is_main_process
+    say = log if main else (lambda *_: None)
+    resume_from = find_resume(cfg, say)
+    resumed = load_checkpoint(resume_from) if resume_from else None
+    if resumed:
+        import yaml
+
+        check_resume_compatible(config_from_dict(yaml.safe_load(resumed["config_yaml"])), cfg, resume_from)
+
+    items = build_items(cfg.data, log=say)
+    data = TrainingData(items, cfg.data, multiple, cfg.train.batch_size, cfg.train.seed)
+    if main:
+        (out / "config.yaml").write_text(_dump_yaml(cfg))
+    say(f"{len(items)} images in {len(cfg.data.concepts)} concept(s), {data.plan.batches_per_epoch} batches per epoch")
+
+    # ---- model and method ---------------------------------------------------------------------
+    torch.manual_seed(cfg.train.seed)
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.train.precision]
+    family = family_cls(cfg, accelerator.device, weight_dtype)
+    family.load()
+    part_names = family.trainable_part_names()
+    for name in part_names:
+        module = family.parts[name]
+        if cfg.method.kind == "lora":
+            lora.add_lora(module, name, lora.targets_for(name, family.lora_targets, cfg.method, family.denoiser), cfg.method)
+        else:
+            module.requires_grad_(True)
+        module.train()
+        if cfg.train.gradient_checkpointing:
+            enable = getattr(module, "enable_gradient_checkpointing", None) or module.gradient_checkpointing_enable
+            enable()
+    if cfg.method.kind == "lora" and cfg.method.init_lora and not resumed:
+        lora.init_from_lora(family, cfg.method.init_lora, part_names)
+        say(f"starting from LoRA {cfg.method.init_lora}")
+
+    groups = []
+    for name in part_names:
+        lr = cfg.train.text_encoder_lr if name != family.denoiser and cfg.train.text_encoder_lr else cfg.train.lr
+        groups.append({"params": lora.trainable_parameters(family.parts[name]), "lr": lr})
+    n_trainable = sum(p.numel() for g in groups for p in g["params"])
+    optimizer = _make_optimizer(cfg, groups)
+    lr_scheduler = get_scheduler(
+        cfg.train.lr_scheduler, optimizer, num_warmup_steps=cfg.train.lr_warmup_steps,
+        num_training_steps=cfg.train.steps,
+    )
+    for name in part_names:
+        family.parts[name] = accelerator.prepare(family.parts[name])
+    optimizer = accelerator.prepare(optimizer)
+    objective = family.make_objective()
+    say(f"{family.name} {cfg.method.kind}: {n_trainable:,} trainable parameters in {', '.join(part_names)}")
+
+    start = 0
+    if resumed:
+        _restore(family, part_names, cfg, resumed, optimizer, lr_scheduler, accelerator)
+        start = resumed["state"]["step"]
+        say(f"resuming from {resume_from} (step {start} of {cfg.train.steps})")
+
+    # ---- prompt cache: frozen text encoders encode each distinct prompt once -----------------------
+    text_frozen = not cfg.method.train_text_encoder
+    prompt_cache: dict[str, dict] = {}
+    if text_frozen:
+        with torch.no_grad():
+            for prompt in data.all_prompts():
+                prompt_cache[prompt] = {k: v[0] for k, v in family.encode_prompts([prompt]).items()}
+        if accelerator.device.type != "cpu":
+            family.text_encoders_to("cpu")
+
+    def prompt_features(prompts: list[str]) -> dict:
+        if not text_frozen:
+            return family.encode_prompts(prompts)
+        rows = [prompt_cache[p] for p in prompts]
+        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]} if rows and rows[0] else {}
+
+    # ---- the loop -----------------------------------------------------------------------------------
+    loss_log = out / "logs" / "loss.jsonl"
+    if main:
+        loss_log.parent.mkdir(parents=True, exist_ok=True)
+        _truncate_log(loss_log, start)
+        accelerator.init_trackers("difftune")
+    world, rank, accum = accelerator.num_processes, accelerator.process_index, cfg.train.grad_accum
+    nonfinite_run = 0
+    progress = _progress(cfg.train.steps, start, main)
+    step = start
+    t0 = time.time()
+    with _StopFlag() as stop:
+        while step < cfg.train.steps:
+            losses, bad_paths = [], []
+            for micro in range(accum):
+                k = (step * accum + micro) * world + rank
+                batch = data.batch(k)
+                sync = micro == accum - 1
+                try:
+                    with accelerator.autocast(), _no_sync(accelerator, family, part_names, sync):
+                        loss = _micro_step(family, objective, batch, prompt_features, micro_seed(cfg.train.seed, k, rank))
+                        if not torch.isfinite(loss):
+                            bad_paths += batch["paths"]
+                        accelerator.backward(loss / accum)
+                except torch.OutOfMemoryError:
+                    raise DifftuneError(_oom_message(cfg)) from None
+                losses.append(loss.detach().float())
+            params = [p for g in groups for p in g["params"]]
+            grad_norm = None
+            if cfg.train.max_grad_norm is not None:
+                grad_norm = accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
+            finite = not bad_paths and (grad_norm is None or bool(torch.isfinite(torch.as_tensor(grad_norm))))
+            finite = bool(accelerator.reduce(torch.tensor(float(not finite), device=accelerator.device), "max") == 0)
+            if finite:
+                optimizer.step()
+                nonfinite_run = 0
+            else:
+                nonfinite_run += 1
+                say(f"step {step + 1}: non-finite loss or gradients, step skipped (batch: {', '.join(bad_paths) or 'gradients'})")
+                if nonfinite_run >= cfg.train.max_nonfinite_steps:
+                    raise DifftuneError(
+                        f"{nonfinite_run} steps in a row had non-finite losses or gradients (last at step {step + 1}); "
+                        "lower train.lr, use train.precision=bf16 instead of fp16, or check the images named above"
+                    )
+            optimizer.zero_grad(set_to_none=True)
+            lr_scheduler.step()
+            step += 1
+
+            loss_value = float(torch.stack(losses).mean())
+            record = {"step": step, "loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}
+            if grad_norm is not None:
+                record["grad_norm"] = float(grad_norm)
+            if main:
+                with loss_log.open("a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}")
+
+            stopping = bool(accelerator.reduce(torch.tensor(float(stop.signal is not None), device=accelerator.device), "max"))
+            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.steps) or (stopping and step < cfg.train.steps):
+                _save(family, part_names, cfg, step, data, optimizer, lr_scheduler, accelerator)
+            if stopping and step < cfg.train.steps:
+                progress.close()
+                raise Interrupted(
+                    f"stopped by signal {stop.signal} after step {step}; checkpoint saved in "
+                    f"{out / 'checkpoints'}. Run the same command again to continue."
+                )
+            if cfg.validation.prompts and cfg.validation.every and step % cfg.validation.every == 0 and step < cfg.train.steps:
+                _samples(family, cfg, step, accelerator, prompt_features)
+    progress.close()
+
+    # ---- outputs ----------------------------------------------------------------------------------
+    elapsed = time.time() - t0
+    accelerator.wait_for_everyone()
+    if main:
+        _check_finite(family, part_names)
+        if cfg.method.kind == "lora":
+            family.save_lora(
+                out,
+                {n: lora.lora_state_dict(family.parts[n]) for n in part_names},
+                {n: lora.lora_metadata(family.parts[n]) for n in part_names},
+            )
+        else:
+            family.save_full(out)
+    if cfg.validation.prompts:
+        _samples(family, cfg, step, accelerator, prompt_features)
+    accelerator.end_training()
+    if main and step > start:
+        say(f"trained steps {start + 1}-{step} in {elapsed:.1f}s ({elapsed / (step - start):.3f} s/step); outputs in {out}")
+    return out
+
+
+# -----------------------------------------------------------------------------------------------
+
+
+def _micro_step(family, objective, batch, prompt_features, seed: int):
+    """Loss of one micro-batch (mean over elements, weighted per sample)."""
+    import torch
+
+    device = family.device
+    with torch.no_grad():
+        features = family.encode_images(batch["pixels"].to(device))
+    features.update(prompt_features(batch["prompts"]))
+    x0 = features.pop("x0").float()
+    generator = torch.Generator().manual_seed(seed)
+    t = objective.sample_timesteps(x0, generator)
+    noise = torch.randn(x0.shape, generator=generator).to(device)
+    x_t = objective.noisy(x0, noise, t)
+    target = objective.target(x0, noise, t)
+    pred = family.predict(x_t, t, features)
+    per_sample = ((pred.float() - target.float()) ** 2).reshape(x0.shape[0], -1).mean(dim=1)
+    return (per_sample * objective.weights(t).float()).mean()
+
+
+def _no_sync(accelerator, family, part_names, sync: bool):
+    """Skip the DDP gradient all-reduce on micro-batches before the last of an optimizer step."""
+    import contextlib
+
+    if sync or accelerator.num_processes == 1:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    for name in part_names:
+        stack.enter_context(accelerator.no_sync(family.parts[name]))
+    return stack
+
+
+def _trainable_tensors(family, part_names, cfg: Config) -> dict:
+    from .adapters import lora
+    from .families.base import unwrap
+
+    tensors = {}
+    for name in part_names:
+        module = family.parts[name]
+        state = lora.peft_state_dict(module) if cfg.method.kind == "lora" else unwrap(module).state_dict()
+        tensors.update({f"{name}.{k}": v for k, v in state.items()})
+    return tensors
+
+
+def _check_finite(family, part_names) -> None:
+    import torch
+
+    from .adapters import lora
+
+    for name in part_names:
+        for p in lora.trainable_parameters(family.parts[name]):
+            if not torch.isfinite(p).all():
+                raise DifftuneError(f"{name} has non-finite weights; nothing was saved (the last checkpoint is intact)")
+
+
+def _save(family, part_names, cfg, step, data, optimizer, lr_scheduler, accelerator) -> None:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _check_finite(family, part_names)
+        rng_tensors, rng_plain = _rng_state()
+        epoch, _ = data.plan.batch(step * cfg.train.grad_accum * accelerator.num_processes)
+        state = {
+            "step": step,
+            "epoch": epoch,
+            "micro_batches_done": step * cfg.train.grad_accum,
+            "lr_scheduler": lr_scheduler.state_dict(),
+            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+            "rng": rng_plain,
+        }
+        t = time.time()
+        path = save_checkpoint(
+            cfg.output_dir, step, _trainable_tensors(family, part_names, cfg), optimizer.state_dict(),
+            rng_tensors, state, _dump_yaml(cfg), cfg.checkpoint.keep,
+        )
+        _progress_write(f"checkpoint {path.name} saved in {time.time() - t:.1f}s")
+    accelerator.wait_for_everyone()
+
+
+def _restore(family, part_names, cfg, resumed, optimizer, lr_scheduler, accelerator) -> None:
+    from .adapters import lora
+    from .families.base import unwrap
+
+    tensors = resumed["tensors"]
+    for name in part_names:
+        prefix = f"{name}."
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if not state:
+            raise CheckpointError(f"checkpoint has no weights for {name}")
+        module = unwrap(family.parts[name])
+        if cfg.method.kind == "lora":
+            lora.set_peft_state_dict(module, state, "checkpoint")
+        else:
+            missing, unexpected = module.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise CheckpointError(f"checkpoint weights do not fit {name} ({len(missing)} missing, {len(unexpected)} unexpected)")
+    try:
+        optimizer.load_state_dict(resumed["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"checkpoint optimizer state does not fit this run: {e}") from None
+    lr_scheduler.load_state_dict(resumed["state"]["lr_scheduler"])
+    if accelerator.scaler is not None and resumed["state"].get("scaler"):
+        accelerator.scaler.load_state_dict(resumed["state"]["scaler"])
+    _set_rng_state(resumed["rng"], resumed["state"]["rng"])
+
+
+def _samples(family, cfg, step, accelerator, prompt_features) -> None:
+    """Validation images for `cfg.validation.prompts` into ``samples/step-N/``."""
+    import torch
+
+    from .generate import save_image
+
+    if not accelerator.is_main_process:
+        return
+    v = cfg.validation
+    folder = Path(cfg.output_dir) / "samples" / f"step-{step:06d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    size = cfg.data.resolution
+    guidance = v.guidance if v.guidance is not None else family.default_guidance
+    trained = [family.parts[n] for n in family.trainable_part_names()]
+    for m in trained:
+        m.eval()
+    family.text_encoders_to(family.device)
+    try:
+        pipe = family.build_pipeline()
+        pipe.set_progress_bar_config(disable=True)
+        with torch.no_grad(), accelerator.autocast():
+            for i, prompt in enumerate(v.prompts):
+                generator = torch.Generator("cpu").manual_seed(v.seed)
+                images = family.sample(pipe, prompt, steps=v.steps, guidance=guidance, width=size, height=size,
+                                       generator=generator, num=v.num_images)
+                for j, image in enumerate(images):
+                    save_image(image, folder / f"{i:02d}-{j:02d}.png", {
+                        "prompt": prompt, "seed": v.seed, "steps": v.steps, "guidance": guidance,
+                        "model": cfg.model.path, "training_step": step, "image_index": j,
+                    })
+    finally:
+        for m in trained:
+            m.train()
+        if not cfg.method.train_text_encoder and family.device.type != "cpu":
+            family.text_encoders_to("cpu")
+    _progress_write(f"samples for step {step} in {folder}")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep only log lines up to `step` (a resumed run writes the later ones again)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError):
+            continue
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="training", unit="step", dynamic_ncols=True)
+
+
+def _progress_write(message: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(message)
+
+
+def read_losses(output_dir: str | Path) -> list[dict]:
+    """The per-step log of a run (step, loss, lr, grad_norm)."""
+    path = Path(output_dir) / "logs" / "loss.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
