@@ -48,6 +48,10 @@ class ModelConfig:
         "Kandinsky 2.2 decoder only: the prior pipeline whose CLIP image encoder makes the decoder's "
         "conditioning embeddings.",
     )
+    decoder: Optional[str] = _f(
+        None,
+        "Kandinsky 2.2 prior only: a decoder pipeline that turns the prior's embeddings into validation images.",
+    )
 
 
 @dataclass

@@ -489,7 +489,7 @@ def _samples(family, cfg, step, accelerator, prompt_features) -> None:
         m.eval()
     family.text_encoders_to(family.device)
     try:
-        pipe = family.build_pipeline()
+        pipe = family.sampling_pipeline()
         pipe.set_progress_bar_config(disable=True)
         with torch.no_grad(), accelerator.autocast():
             for i, prompt in enumerate(v.prompts):

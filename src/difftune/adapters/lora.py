@@ -108,6 +108,8 @@ def init_from_lora(family: Any, path: str, parts: list[str]) -> None:
     for part in parts:
         prefix = f"{part}."
         sub = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        if not sub and len(parts) == 1 and not any(k.startswith(f"{p}.") for p in family.parts for k in weights):
+            sub = weights  # one model's adapter (`save_lora_adapter`'s layout) has no part prefix
         if not sub:
             raise DifftuneError(f"method.init_lora: {file} has no weights for {part} (keys start with "
                                 f"{sorted({k.split('.')[0] for k in weights})})")

@@ -206,6 +206,11 @@ class Family:
         kwargs.update({k: v for k, v in self.index.items() if k in optional and not isinstance(v, list)})
         return pipeline_cls(**kwargs)
 
+    def sampling_pipeline(self) -> Any:
+        """The pipeline `sample` gets for validation images: `build_pipeline`'s, unless the saved pipeline
+        cannot make images from a prompt alone (Kandinsky 2.2's prior and decoder each need the other)."""
+        return self.build_pipeline()
+
     def text_encoders_to(self, device: Any) -> None:
         """Move the text encoders (e.g. back to the accelerator for sampling, or off it)."""
         import torch
@@ -215,9 +220,36 @@ class Family:
             if isinstance(part, torch.nn.Module):
                 part.to(device)
 
+    def source_dir(self) -> Path | None:
+        """The local folder of the base model (the hub cache for a hub id), or None if there is none."""
+        local = Path(self.cfg.model.path)
+        if local.is_dir():
+            return local
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(self.cfg.model.path, revision=self.cfg.model.revision, local_files_only=True))
+        except Exception:
+            return None
+
     def save_full(self, out_dir: Path) -> None:
-        """Write a complete pipeline folder with the trained parts (``from_pretrained(out_dir)`` loads it)."""
+        """Write a complete pipeline folder with the trained parts (``from_pretrained(out_dir)`` loads it).
+
+        Trained parts are written from their fp32 weights; frozen parts are copied byte for byte from
+        the base model where its files are at hand, so a bf16 run does not degrade the VAE or text
+        encoders it never trained.
+        """
+        import shutil
+
         self.build_pipeline().save_pretrained(str(out_dir), safe_serialization=True)
+        source = self.source_dir()
+        trained = set(self.trainable_part_names())
+        for name, part in self.parts.items():
+            if source is None or name in trained or not (source / name).is_dir():
+                continue
+            if hasattr(part, "parameters"):
+                shutil.rmtree(Path(out_dir) / name, ignore_errors=True)
+                shutil.copytree(source / name, Path(out_dir) / name)
 
     @classmethod
     def load_pipeline(cls, path: str, device: Any, dtype: Any, extra: dict | None = None) -> Any:

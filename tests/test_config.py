@@ -1,0 +1,107 @@
+"""Config: strict keys with suggestions, typed overrides, validation before any model loads."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from difftune.config import Config, ConfigError, load_config, reference_markdown, to_dict, validate
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def write(tmp_path, text: str) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_unknown_key_names_key_and_closest(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "train:\n  stesp: 10\n"))
+    assert "'train.stesp'" in str(e.value) and "'train.steps'" in str(e.value)
+
+
+def test_unknown_section_and_override_key(tmp_path):
+    with pytest.raises(ConfigError, match="'trian'.*'train'"):
+        load_config(write(tmp_path, "trian:\n  steps: 10\n"))
+    with pytest.raises(ConfigError, match="'method.rnak'.*'method.rank'"):
+        load_config(None, ["method.rnak=4"])
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["train.lr=1e-5", "train.steps=10", "train.gradient_checkpointing=true",
+                             "validation.prompts=[a, 'b c']", "method.alpha=8", "data.concepts=[{dir: x}]",
+                             "data.concepts.0.repeats=3"])
+    assert cfg.train.lr == 1e-5 and isinstance(cfg.train.lr, float)
+    assert cfg.train.steps == 10 and cfg.train.gradient_checkpointing is True
+    assert cfg.validation.prompts == ["a", "b c"]
+    assert cfg.method.alpha == 8.0 and cfg.data.concepts[0].repeats == 3
+
+
+def test_wrong_types_name_the_key():
+    with pytest.raises(ConfigError, match="train.steps: expected an integer"):
+        load_config(None, ["train.steps=ten"])
+    with pytest.raises(ConfigError, match="train.precision.*did you mean 'bf16'"):
+        load_config(None, ["train.precision=bf61"])
+    with pytest.raises(ConfigError, match="train.lr is a value, not a section"):
+        load_config(None, ["train.lr.x=1"])
+
+
+def test_yaml_no_means_the_string(tmp_path):
+    # YAML 1.1 reads a bare `no` as false; the contract writes `precision: no`
+    cfg = load_config(write(tmp_path, "train:\n  precision: no\n"))
+    assert cfg.train.precision == "no"
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "train: [\n"))
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_validation_collects_problems(tmp_path):
+    cfg = load_config(None, ["model.path=m", "output_dir=o", "method.rank=0", "data.resolution=100",
+                             f"data.concepts=[{{dir: {tmp_path / 'missing'}}}]", "train.grad_accum=0"])
+    with pytest.raises(ConfigError) as e:
+        validate(cfg, resolution_multiple=16)
+    msg = str(e.value)
+    assert "method.rank must be > 0" in msg
+    assert "data.resolution 100 is not a multiple of 16" in msg and "try 96" in msg
+    assert "folder not found" in msg and "missing" in msg
+    assert "train.grad_accum must be >= 1" in msg
+
+
+def test_concept_needs_exactly_one_source():
+    cfg = load_config(None, ["model.path=m", "output_dir=o", "data.concepts=[{dir: a, hf: b}]"])
+    with pytest.raises(ConfigError, match=r"concepts\[0\] needs exactly one of `dir` or `hf`"):
+        validate(cfg, check_paths=False)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_validate(path, tmp_path):
+    from difftune.families.registry import get_family
+
+    cfg = load_config(path)
+    family = cfg.model.family if cfg.model.family != "auto" else None
+    # hub ids cannot be read offline: the multiple below is what the real models need
+    multiple = 16 if (family == "flux" or "FLUX" in cfg.model.path) else 8
+    validate(cfg, resolution_multiple=multiple, check_paths=False)
+    if family:
+        get_family(family)
+    # the resolved form written into output_dir loads back to the same config
+    saved = tmp_path / "config.yaml"
+    saved.write_text(yaml.safe_dump(to_dict(cfg)))
+    assert load_config(saved) == cfg
+
+
+def test_defaults_load():
+    assert load_config(None, []) == Config()
+
+
+def test_reference_lists_every_key():
+    text = reference_markdown()
+    for key in ["`model.path`", "`method.rank`", "`data.concepts[].caption_template`", "`train.grad_accum`",
+                "`checkpoint.resume`", "`validation.prompts`", "`output_dir`"]:
+        assert key in text
