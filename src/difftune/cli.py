@@ -23,8 +23,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
              "the whole journey on a built-in tiny model, in a few minutes on a CPU"),
     "fetch": ("difftune.fetch:add_arguments:run:EXAMPLES",
               "download images from URL lists or numbered URL patterns, safely"),
+    "export": ("difftune.export:add_arguments:run:EXAMPLES", "convert a LoRA between the diffusers and kohya layouts"),
+    "bench": ("difftune.bench:add_arguments:run:EXAMPLES",
+              "time a training step (or generation) against the machine's limit: s/step, memory, MFU"),
     "config": ("difftune.commands:add_config_arguments:run_config:CONFIG_EXAMPLES",
                "print the config reference or check a config file"),
+    "data": ("difftune.data.check:add_arguments:run:EXAMPLES",
+             "check training data: counts, sizes, aspect ratios, captions and problems per file"),
 }
 
 
@@ -47,12 +52,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """difftune shows its own progress and one-line errors: keep the libraries' logs to errors.
+
+    Set before they are imported (they read these at import); a user's own setting wins.
+    """
+    import os
+
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
         return 2
+    _quiet_libraries()
     runner = getattr(importlib.import_module(args._module), args._runner)
     try:
         return int(runner(args) or 0)

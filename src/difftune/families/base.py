@@ -140,7 +140,7 @@ class Family:
             cls = getattr(importlib.import_module(library), class_name)
             kwargs: dict[str, Any] = {"subfolder": name, "revision": m.revision}
             if hasattr(cls, "parameters") or issubclass(cls, torch.nn.Module):
-                kwargs["torch_dtype"] = torch.float32 if name in full else self.weight_dtype
+                kwargs["dtype"] = torch.float32 if name in full else self.weight_dtype
                 if m.variant:
                     kwargs["variant"] = m.variant
             try:
@@ -160,6 +160,12 @@ class Family:
     def after_load(self) -> None:
         """Hook for family-specific setup once parts are loaded (e.g. loading a second pipeline)."""
 
+    def after_prompt_cache(self) -> None:
+        """Called by the training loop once every training prompt is encoded (frozen text encoders):
+        free what only prompt encoding needed. Default: move the text encoders off the accelerator."""
+        if self.device.type != "cpu":
+            self.text_encoders_to("cpu")
+
     # ---- the maths (subclasses) -----------------------------------------------------------------
 
     def encode_images(self, pixels: "torch.Tensor") -> dict[str, "torch.Tensor"]:
@@ -170,6 +176,30 @@ class Family:
     def encode_prompts(self, prompts: list[str]) -> dict[str, "torch.Tensor"]:
         """Per-prompt conditioning, batched on the first dimension."""
         raise NotImplementedError  # abstract
+
+    def feature_identity(self, kind: str) -> dict[str, Any]:
+        """Everything other than its input that `encode_images` (``kind="images"``) or `encode_prompts`
+        (``kind="prompts"``) output depends on. The on-disk feature caches are keyed by it, so a family
+        whose encoders read more parts or settings than these defaults extends it.
+
+        Default: the family, the weight dtype, the model (path, revision, variant, prior) and the
+        on-disk identity of the parts involved: the autoencoder for images; the text encoders, their
+        tokenizers (``text_encoder_2`` -> ``tokenizer_2``) and ``objective.max_sequence_length`` for prompts.
+        """
+        from ..data.cache import part_fingerprint
+
+        m = self.cfg.model
+        if kind == "images":
+            parts = [self.autoencoder] if self.autoencoder else []
+            settings: dict[str, Any] = {}
+        else:
+            parts = [*self.text_encoders, *(name.replace("text_encoder", "tokenizer") for name in self.text_encoders)]
+            settings = {"max_sequence_length": self.cfg.objective.max_sequence_length}
+        return {
+            "family": self.name, "kind": kind, "dtype": str(self.weight_dtype), "settings": settings,
+            "model": {"path": m.path, "revision": m.revision, "variant": m.variant, "prior": m.prior},
+            "parts": {name: part_fingerprint(m.path, name, m.revision) for name in parts},
+        }
 
     def make_objective(self) -> Any:
         """The objective (DDPM or flow matching) configured from the model and ``cfg.objective``."""
@@ -257,7 +287,7 @@ class Family:
         import diffusers
 
         pipeline_cls = getattr(diffusers, cls.pipeline_classes[0])
-        pipe = pipeline_cls.from_pretrained(path, torch_dtype=dtype)
+        pipe = pipeline_cls.from_pretrained(path, dtype=dtype)
         return pipe.to(device)
 
     @classmethod
@@ -278,3 +308,17 @@ class Family:
         out = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
                    generator=generator, num_images_per_prompt=num)
         return list(out.images)
+
+    @classmethod
+    def kohya_layout(cls) -> Any:
+        """How `difftune export` names this family's LoRA modules in the kohya layout (export.py).
+
+        Default, kohya's naming of SD 1.x/2.x LoRAs: the module path with ``_`` for ``.`` after
+        ``lora_unet`` (the denoiser) or ``lora_te`` (the first text encoder; ``lora_te2``... after it),
+        text encoders named as CLIP checkpoints name them (``text_model.encoder...``).
+        """
+        from ..export import KohyaLayout
+
+        prefixes = {cls.denoiser: "lora_unet"}
+        prefixes.update({name: f"lora_te{i + 1 if i else ''}" for i, name in enumerate(cls.text_encoders)})
+        return KohyaLayout(prefixes, clip_parts=cls.text_encoders)
