@@ -205,3 +205,58 @@ def test_generate_reproducible_with_metadata_and_two_loras(lora_run, foreign_sd,
     assert params["seed"] == 5 and params["steps"] == 3 and params["prompt"] == PROMPT
     assert params["loras"] == [{"path": str(out), "scale": 0.5}, {"path": str(out), "scale": 1.0}]
     assert not np.array_equal(px(with_loras[0]), px(a[0]))
+
+
+CONTRACT = """\
+model:
+  path: {model}
+  family: auto
+method:
+  kind: {kind}
+  rank: 16
+  alpha: 16
+data:
+  resolution: 64
+  concepts:
+    - dir: {data}
+      prompt: "a painting in sksartist style"
+      repeats: 1
+train:
+  steps: 3
+  batch_size: 1
+  grad_accum: 1
+  lr: 1.0e-4
+  seed: 0
+  precision: bf16
+checkpoint:
+  every: 2
+  keep: 3
+output_dir: {out}
+"""
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_contract_config_through_the_cli(tmp_path, foreign_sd, kind):
+    """The contract's YAML (bf16 on CPU) via `difftune train`, then `difftune generate` with the result."""
+    import subprocess
+    import sys
+
+    data = make_images(tmp_path / "data", n=2)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(CONTRACT.format(model=foreign_sd, data=data, out=tmp_path / "out", kind=kind))
+    run = lambda *a: subprocess.run([sys.executable, "-m", "difftune", *a], capture_output=True, text=True)  # noqa: E731
+    trained = run("train", str(cfg))
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    out = tmp_path / "out"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
+    model, loras = (str(foreign_sd), ["--lora", f"{out}:0.7"]) if kind == "lora" else (str(out), [])
+    made = run("generate", "--model", model, *loras, "--prompt", "a painting in sksartist style", "--steps", "3",
+               "--width", "64", "--height", "64", "--out", str(tmp_path / "gen"))
+    assert made.returncode == 0, made.stderr[-3000:]
+    base = run("generate", "--model", str(foreign_sd), "--prompt", "a painting in sksartist style", "--steps", "3",
+               "--width", "64", "--height", "64", "--out", str(tmp_path / "base"))
+    from PIL import Image
+
+    a = np.asarray(Image.open(tmp_path / "gen" / "000-seed0.png"), dtype=np.float32)
+    b = np.asarray(Image.open(tmp_path / "base" / "000-seed0.png"), dtype=np.float32)
+    assert base.returncode == 0 and np.abs(a - b).max() > 0, "the trained weights did not change the image"
