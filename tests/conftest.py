@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# one thread: tiny models gain nothing from more, and parallel test runs on 2 cores would oversubscribe
+torch.set_num_threads(1)
 
 
 def pytest_configure(config):

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-torch.set_num_threads(int(os.environ.get("DIFFTUNE_TEST_THREADS", "2")))
+torch.set_num_threads(int(os.environ.get("DIFFTUNE_TEST_THREADS", "1")))
 
 import difftune.checkpoint as checkpoint  # noqa: E402
 import difftune.train as train  # noqa: E402

@@ -63,7 +63,7 @@ def test_lora_file_and_resolved_config(lora_run):
     out, _ = lora_run
     weights = load_file(str(out / "pytorch_lora_weights.safetensors"))
     assert weights and all(k.startswith("unet.") for k in weights)
-    assert any(".lora.down." in k for k in weights) and any(".lora.up." in k for k in weights)
+    assert any(".lora_A." in k for k in weights) and any(".lora_B." in k for k in weights)
     saved = load_config(out / "config.yaml")
     assert saved.method.rank == 4 and saved.train.steps == 4
     assert [r["step"] for r in read_losses(out)] == [1, 2, 3, 4]

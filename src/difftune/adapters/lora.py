@@ -58,11 +58,14 @@ def trainable_parameters(module: Any) -> list:
 
 
 def lora_state_dict(module: Any) -> dict:
-    """The adapter weights of `module` in diffusers naming (what ``save_lora_weights`` expects)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
+    """The adapter weights of `module` in peft naming (``.lora_A.`` / ``.lora_B.``), what the diffusers
+    training scripts write and every diffusers loader reads.
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unwrap(module), adapter_name=ADAPTER))
+    Not diffusers' older ``.lora.down`` naming: `convert_state_dict_to_diffusers` renames only some
+    layer types, and a file mixing both namings loses adapters silently when loaded (the loader
+    decides from the first key).
+    """
+    return peft_state_dict(module)
 
 
 def peft_state_dict(module: Any) -> dict:

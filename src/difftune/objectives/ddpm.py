@@ -51,6 +51,14 @@ class DDPMObjective:
         self._sqrt_a = alphas_cumprod.sqrt().float()
         self._sqrt_1ma = (1.0 - alphas_cumprod).sqrt().float()
         self._snr = (alphas_cumprod / (1.0 - alphas_cumprod)).float()
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sqrt(a), sqrt(1 - a), SNR) per timestep on `device`, copied there once: indexing them with
+        the timesteps where they live avoids a device -> host copy (a GPU sync) at every step."""
+        if device not in self._on_device:
+            self._on_device[device] = (self._sqrt_a.to(device), self._sqrt_1ma.to(device), self._snr.to(device))
+        return self._on_device[device]
 
     def sample_timesteps(self, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Integer timesteps, one per sample, drawn on the CPU from `generator` (so runs replay exactly)."""
@@ -60,8 +68,8 @@ class DDPMObjective:
 
     def noisy(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise."""
-        idx = t.cpu()
-        return _expand(self._sqrt_a[idx], x0).to(x0.device) * x0 + _expand(self._sqrt_1ma[idx], x0).to(x0.device) * noise
+        sqrt_a, sqrt_1ma, _ = self._tables(t.device)
+        return _expand(sqrt_a[t], x0).to(x0.device) * x0 + _expand(sqrt_1ma[t], x0).to(x0.device) * noise
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the network is trained to output."""
@@ -69,14 +77,14 @@ class DDPMObjective:
             return noise
         if self.prediction_type == "sample":
             return x0
-        idx = t.cpu()
-        return _expand(self._sqrt_a[idx], x0).to(x0.device) * noise - _expand(self._sqrt_1ma[idx], x0).to(x0.device) * x0
+        sqrt_a, sqrt_1ma, _ = self._tables(t.device)
+        return _expand(sqrt_a[t], x0).to(x0.device) * noise - _expand(sqrt_1ma[t], x0).to(x0.device) * x0
 
     def weights(self, t: torch.Tensor) -> torch.Tensor:
         """Per-sample loss weights (ones unless min-SNR weighting is on)."""
         if self.min_snr_gamma is None or self.prediction_type == "sample":
             return torch.ones(t.shape[0], device=t.device)
-        snr = self._snr[t.cpu()]
+        snr = self._tables(t.device)[2][t]
         clipped = snr.clamp(max=self.min_snr_gamma)
         denom = snr + 1.0 if self.prediction_type == "v_prediction" else snr
-        return (clipped / denom).to(t.device)
+        return clipped / denom

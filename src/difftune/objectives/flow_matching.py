@@ -23,14 +23,17 @@ def shift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:
 
 
 def dynamic_shift(seq_len: int, scheduler_config: dict) -> float:
-    """Resolution-dependent shift exp(mu), mu linear in the image token count (FLUX.1's schedule)."""
+    """Resolution-dependent shift exp(mu), mu linear in the image token count (FLUX.1's schedule).
+
+    Schedulers with ``time_shift_type: linear`` shift by mu itself, as diffusers samples them.
+    """
     base_len = scheduler_config.get("base_image_seq_len", 256)
     max_len = scheduler_config.get("max_image_seq_len", 4096)
     base_shift = scheduler_config.get("base_shift", 0.5)
     max_shift = scheduler_config.get("max_shift", 1.15)
     slope = (max_shift - base_shift) / (max_len - base_len)
     mu = base_shift + slope * (seq_len - base_len)
-    return math.exp(mu)
+    return mu if scheduler_config.get("time_shift_type", "exponential") == "linear" else math.exp(mu)
 
 
 class FlowMatchingObjective:

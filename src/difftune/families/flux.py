@@ -1,0 +1,347 @@
+"""FLUX.1 (dev and schnell): a rectified-flow transformer over packed VAE latents, conditioned on
+T5 token embeddings and a pooled CLIP embedding.
+
+Conventions:
+
+- ``x0`` (what the objective and the caches see): the VAE posterior mean, shifted then scaled,
+  ``(mean - vae.config.shift_factor) * vae.config.scaling_factor`` (0.1159 and 0.3611 for FLUX.1),
+  kept *unpacked* ``[B, 16, H/8, W/8]`` (factor 4 for the tiny test VAE). `predict` packs it into
+  2x2 patches, ``[B, (H/16) * (W/16), 64]`` tokens, with diffusers' own ``FluxPipeline`` helpers,
+  and unpacks the prediction again, so the generic loop never sees tokens.
+- Timesteps are flow-matching noise levels sigma in (0, 1), given to the transformer as they are
+  (it multiplies by 1000 inside, as the pipeline's ``timestep / 1000`` shows); so is the guidance
+  value for guidance-distilled checkpoints (``objective.guidance``; only FLUX.1-dev's transformer
+  has ``guidance_embeds``, schnell's gets none).
+- Position ids: image tokens ``(0, row, col)`` of the packed grid, text tokens all zero, as the
+  pipeline makes them.
+- Prompt features, tokenized exactly as ``FluxPipeline.encode_prompt`` does: ``prompt_embeds``
+  ``[B, max_sequence_length, 4096]`` (T5-XXL last hidden state, ``objective.max_sequence_length``,
+  default 512 as FLUX.1-dev was trained) and ``pooled_prompt_embeds`` ``[B, 768]`` (CLIP-L pooled).
+- Only CLIP is trainable (``method.train_text_encoder``), as in diffusers' FLUX DreamBooth script:
+  `text_encoders` lists it alone. T5 is always frozen; once every prompt (validation prompts
+  included) is cached it is dropped from memory entirely, and samples use the cached embeddings.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import DifftuneError
+from ..export import KohyaLayout, KohyaModule
+from ..objectives.flow_matching import FlowMatchingObjective
+from .base import Family, unwrap
+
+#: attention projections of both stream types (image: to_*, text: add_*), as diffusers'
+#: train_dreambooth_lora_flux.py targets them; single blocks have to_q/k/v (no to_out)
+ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+CLIP_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+#: T5 part and tokenizer (frozen, never in `text_encoders`)
+T5 = "text_encoder_2"
+T5_TOKENIZER = "tokenizer_2"
+#: FluxPipeline refuses longer T5 sequences
+MAX_T5_TOKENS = 512
+
+
+def image_tokens(x0: Any) -> int:
+    """Packed image token count of unpacked latents ``[B, C, h, w]`` (for the dynamic shift)."""
+    return (x0.shape[-2] // 2) * (x0.shape[-1] // 2)
+
+
+def pack(latents: Any) -> Any:
+    """``[B, C, h, w]`` -> ``[B, (h/2) * (w/2), 4C]`` 2x2 patch tokens (diffusers' own helper)."""
+    from diffusers import FluxPipeline
+
+    b, c, h, w = latents.shape
+    return FluxPipeline._pack_latents(latents, b, c, h, w)
+
+
+def unpack(tokens: Any, h: int, w: int) -> Any:
+    """Inverse of `pack` for latents of height `h` and width `w` (both even)."""
+    from diffusers import FluxPipeline
+
+    # the helper takes pixel sizes and the VAE factor; in latent units that factor is 1
+    return FluxPipeline._unpack_latents(tokens, h, w, 1)
+
+
+def image_ids(h: int, w: int, device: Any, dtype: Any) -> Any:
+    """Position ids ``[(h/2) * (w/2), 3]`` of the packed tokens of ``h x w`` latents."""
+    from diffusers import FluxPipeline
+
+    return FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, device, dtype)  # one set for the batch
+
+
+@dataclass
+class _SamplingPrompts:
+    """What a pipeline built during training samples with: the training sequence length and the
+    prompts encoded before T5 was released (prompt -> (prompt_embeds, pooled_prompt_embeds))."""
+
+    max_sequence_length: int
+    embeds: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+
+
+#: pipeline built by `Flux.build_pipeline` -> its sampling prompts; `Flux.sample` is a classmethod
+#: (generate.py calls it without a family instance), so the pipeline is the key it can look up
+_SAMPLING: "weakref.WeakKeyDictionary[Any, _SamplingPrompts]" = weakref.WeakKeyDictionary()
+
+
+class Flux(Family):
+    name = "flux"
+    pipeline_classes = ("FluxPipeline",)
+    denoiser = "transformer"
+    text_encoders = ("text_encoder",)
+    lora_targets = {"transformer": ATTENTION, "text_encoder": CLIP_ATTENTION}
+    default_guidance = 3.5
+    autoencoder = "vae"
+    extra_resolution_factor = 2
+
+    def __init__(self, cfg, device, weight_dtype):
+        super().__init__(cfg, device, weight_dtype)
+        n = cfg.objective.max_sequence_length
+        if n is not None and not 1 <= n <= MAX_T5_TOKENS:
+            raise DifftuneError(f"objective.max_sequence_length must be between 1 and {MAX_T5_TOKENS} for FLUX, got {n}")
+        self._cached: dict[str, tuple[Any, Any]] = {}
+
+    @property
+    def max_sequence_length(self) -> int:
+        n = self.cfg.objective.max_sequence_length
+        return MAX_T5_TOKENS if n is None else n
+
+    def after_load(self) -> None:
+        missing = [p for p in (T5, T5_TOKENIZER, "tokenizer", "vae", "scheduler") if self.parts.get(p) is None]
+        if missing:
+            raise DifftuneError(
+                f"{self.cfg.model.path}: a FLUX pipeline needs parts {missing}, which model_index.json lacks"
+            )
+
+    # ---- features ---------------------------------------------------------------------------
+
+    def encode_images(self, pixels):
+        vae = self.parts["vae"]
+        mean = vae.encode(pixels.to(vae.dtype)).latent_dist.mean
+        return {"x0": (mean - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor}
+
+    def encode_prompts(self, prompts: list[str]):
+        clip_tokenizer, clip = self.parts["tokenizer"], self.parts["text_encoder"]
+        t5_tokenizer, t5 = self.parts[T5_TOKENIZER], self.parts[T5]
+        if t5 is None:  # released by after_prompt_cache; every prompt should have been cached
+            raise DifftuneError(f"FLUX: T5 was released after caching, but prompts {prompts!r} were not cached")
+        ids = clip_tokenizer(
+            prompts, padding="max_length", max_length=clip_tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        pooled = clip(ids.to(self.device), output_hidden_states=False).pooler_output
+        ids = t5_tokenizer(
+            prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        embeds = t5(ids.to(self.device), output_hidden_states=False)[0]
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    def feature_identity(self, kind: str) -> dict[str, Any]:
+        """The base identity plus T5 and its tokenizer for prompts (frozen, so not in `text_encoders`)."""
+        from ..data.cache import part_fingerprint
+
+        identity = super().feature_identity(kind)
+        if kind == "prompts":
+            m = self.cfg.model
+            identity["parts"].update({name: part_fingerprint(m.path, name, m.revision) for name in (T5, T5_TOKENIZER)})
+            identity["settings"]["max_sequence_length"] = self.max_sequence_length
+        return identity
+
+    def after_prompt_cache(self) -> None:
+        """Encode the validation prompts too, then drop T5 (9.5 GB in bf16 for FLUX.1) from memory."""
+        import gc
+
+        import torch
+
+        todo = [p for p in dict.fromkeys(self.cfg.validation.prompts) if p not in self._cached]
+        if todo:
+            with torch.no_grad():
+                features = self.encode_prompts(todo)
+            for i, prompt in enumerate(todo):
+                self._cached[prompt] = (
+                    features["prompt_embeds"][i : i + 1], features["pooled_prompt_embeds"][i : i + 1]
+                )
+        self.parts[T5] = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        super().after_prompt_cache()
+
+    # ---- the maths -----------------------------------------------------------------------------
+
+    def make_objective(self) -> Any:
+        o = self.cfg.objective
+        return FlowMatchingObjective(
+            dict(self.parts["scheduler"].config),
+            image_tokens,
+            shift=o.shift,
+            sampling=o.timestep_sampling,
+            logit_mean=o.logit_mean,
+            logit_std=o.logit_std,
+            mode_scale=o.mode_scale,
+            weighting=o.weighting,
+        )
+
+    def predict(self, x_t, t, features):
+        """``x_t`` ``[B, 16, h, w]`` unpacked, ``t`` sigma ``[B]``; returns the velocity, unpacked."""
+        import torch
+
+        transformer = self.parts["transformer"]
+        _, _, h, w = x_t.shape
+        embeds = features["prompt_embeds"].to(x_t.dtype)
+        guidance = None
+        if unwrap(transformer).config.guidance_embeds:
+            guidance = torch.full((x_t.shape[0],), float(self.cfg.objective.guidance), device=x_t.device)
+        out = transformer(
+            hidden_states=pack(x_t),
+            timestep=t,
+            guidance=guidance,
+            pooled_projections=features["pooled_prompt_embeds"].to(x_t.dtype),
+            encoder_hidden_states=embeds,
+            txt_ids=torch.zeros(embeds.shape[1], 3, device=x_t.device, dtype=x_t.dtype),
+            img_ids=image_ids(h, w, x_t.device, x_t.dtype),
+            return_dict=False,
+        )[0]
+        return unpack(out, h, w)
+
+    # ---- outputs ------------------------------------------------------------------------------
+
+    def text_encoders_to(self, device: Any) -> None:
+        super().text_encoders_to(device)
+        if self.parts.get(T5) is not None:
+            self.parts[T5].to(device)
+
+    def build_pipeline(self) -> Any:
+        pipe = super().build_pipeline()
+        _SAMPLING[pipe] = _SamplingPrompts(self.max_sequence_length, dict(self._cached))
+        return pipe
+
+    def save_full(self, out_dir) -> None:
+        if self.parts.get(T5) is None:  # released for training; a pipeline folder needs it again
+            self.parts[T5] = self._load_frozen(T5)
+        super().save_full(out_dir)
+
+    def _load_frozen(self, name: str) -> Any:
+        """Load one frozen part again as `load` did (weight dtype), on the CPU."""
+        import importlib
+
+        m = self.cfg.model
+        library, class_name = self.index[name]
+        kwargs: dict[str, Any] = {"subfolder": name, "revision": m.revision, "torch_dtype": self.weight_dtype}
+        if m.variant:
+            kwargs["variant"] = m.variant
+        part = getattr(importlib.import_module(library), class_name).from_pretrained(m.path, **kwargs)
+        return part.requires_grad_(False).eval()
+
+    @classmethod
+    def sample(cls, pipe, prompt, *, steps, guidance, width, height, generator, num=1):
+        """Images for one prompt; width/height None = the pipeline's default size. A pipeline from
+        `build_pipeline` samples cached prompts from their embeddings (T5 may be gone) and others
+        at the training sequence length."""
+        kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
+                      generator=generator)
+        known = _SAMPLING.get(pipe)
+        if known is not None:
+            kwargs["max_sequence_length"] = known.max_sequence_length
+            if prompt in known.embeds:
+                embeds, pooled = known.embeds[prompt]
+                # the pipeline repeats given embeddings for nothing: one row per image
+                out = pipe(prompt_embeds=embeds.repeat(num, 1, 1), pooled_prompt_embeds=pooled.repeat(num, 1), **kwargs)
+                return list(out.images)
+        return list(pipe(prompt, num_images_per_prompt=num, **kwargs).images)
+
+    @classmethod
+    def kohya_layout(cls) -> KohyaLayout:
+        return FluxKohyaLayout({"transformer": "lora_unet", "text_encoder": "lora_te1"}, clip_parts=("text_encoder",))
+
+
+# -----------------------------------------------------------------------------------------------
+# The kohya layout of FLUX LoRAs: Black Forest Labs' module names (what kohya's sd-scripts trains
+# and ComfyUI, Forge and diffusers read), where q, k and v (and, in single blocks, the MLP input)
+# are one fused linear layer.
+
+
+def _same(n: int):
+    return lambda d: (d,) * n
+
+
+def _single_linear1(d: int) -> tuple[int, ...]:
+    # linear1 = [q; k; v; mlp_in], MLP width 4 * hidden (FluxSingleTransformerBlock's mlp_ratio)
+    return (d, d, d, 4 * d)
+
+
+_DOUBLE = {  # BFL name in double_blocks_{i}_ -> diffusers modules in transformer_blocks.{i}.
+    "img_attn_qkv": (("attn.to_q", "attn.to_k", "attn.to_v"), _same(3)),
+    "img_attn_proj": (("attn.to_out.0",), None),
+    "img_mlp_0": (("ff.net.0.proj",), None),
+    "img_mlp_2": (("ff.net.2",), None),
+    "img_mod_lin": (("norm1.linear",), None),
+    "txt_attn_qkv": (("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"), _same(3)),
+    "txt_attn_proj": (("attn.to_add_out",), None),
+    "txt_mlp_0": (("ff_context.net.0.proj",), None),
+    "txt_mlp_2": (("ff_context.net.2",), None),
+    "txt_mod_lin": (("norm1_context.linear",), None),
+}
+_SINGLE = {  # BFL name in single_blocks_{i}_ -> diffusers modules in single_transformer_blocks.{i}.
+    "linear1": (("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), _single_linear1),
+    "linear2": (("proj_out",), None),
+    "modulation_lin": (("norm.linear",), None),
+}
+_GLOBAL = {  # BFL name -> diffusers module, outside the blocks
+    "img_in": "x_embedder",
+    "txt_in": "context_embedder",
+    "time_in_in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in_out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "vector_in_in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in_out_layer": "time_text_embed.text_embedder.linear_2",
+    "guidance_in_in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in_out_layer": "time_text_embed.guidance_embedder.linear_2",
+    "final_layer_linear": "proj_out",
+    "final_layer_adaLN_modulation_1": "norm_out.linear",
+}
+_FINAL = ("final_layer_linear", "final_layer_adaLN_modulation_1")
+
+
+class FluxKohyaLayout(KohyaLayout):
+    """FLUX transformer modules under their BFL names; CLIP (``lora_te1``) keeps the plain layout.
+
+    - ``double_blocks_{i}_{img,txt}_attn_qkv`` fuse the q, k, v LoRAs of each stream and
+      ``single_blocks_{i}_linear1`` those of q, k, v and ``proj_mlp`` (see `KohyaLayout.fuse`).
+    - ``final_layer_adaLN_modulation_1`` emits (shift, scale) where diffusers' ``norm_out.linear``
+      emits (scale, shift): its output rows trade halves. Its scale is folded into the weights
+      (alpha = rank), because diffusers' reader ignores alpha for the final layer.
+    """
+
+    def module_for(self, part: str, module: str) -> KohyaModule:
+        if part != "transformer":
+            return super().module_for(part, module)
+        head, _, rest = module.partition(".")
+        if head in ("transformer_blocks", "single_transformer_blocks"):
+            index, _, inner = rest.partition(".")
+            table, bfl, block = (_DOUBLE, "double_blocks", "transformer_blocks") if head == "transformer_blocks" else (
+                _SINGLE, "single_blocks", "single_transformer_blocks")
+            for name, (members, rows) in table.items():
+                if inner in members:
+                    return KohyaModule(f"{bfl}_{index}_{name}", tuple(f"{block}.{index}.{m}" for m in members), rows)
+        for name, target in _GLOBAL.items():
+            if module == target:
+                final = name in _FINAL
+                return KohyaModule(name, (target,), swap_halves=name == _FINAL[1], bake_scale=final)
+        raise DifftuneError(f"FLUX transformer module {module!r} has no name in the kohya (BFL) layout")
+
+    def module_named(self, part: str, name: str) -> KohyaModule:
+        if part != "transformer":
+            return super().module_named(part, name)
+        for bfl, block, table in (("double_blocks_", "transformer_blocks", _DOUBLE),
+                                  ("single_blocks_", "single_transformer_blocks", _SINGLE)):
+            if name.startswith(bfl):
+                index, _, inner = name[len(bfl):].partition("_")
+                if index.isdigit() and inner in table:
+                    members, rows = table[inner]
+                    return KohyaModule(name, tuple(f"{block}.{index}.{m}" for m in members), rows)
+        if name in _GLOBAL:
+            return KohyaModule(name, (_GLOBAL[name],), swap_halves=name == _FINAL[1], bake_scale=name in _FINAL)
+        raise DifftuneError(f"lora_unet_{name}: not a FLUX module name in the kohya (BFL) layout")
