@@ -200,3 +200,20 @@ def test_resume_refuses_a_changed_method_and_honours_never(tmp_path, tiny_sd, da
     train(load_config(None, overrides(tiny_sd, data, out, **{"method.rank": 8, "checkpoint.resume": "never",
                                                              "train.steps": 2})), log=lines.append)
     assert not any("resuming" in line for line in lines)
+
+
+def test_flux_sigkill_mid_accumulation_then_rerun_is_bit_identical(tmp_path, data):
+    """The same guarantee for a second family (flow matching, packed latents, released T5)."""
+    from difftune.tiny import make_tiny
+
+    model = make_tiny("flux", tmp_path / "flux")
+    extra = {"objective.max_sequence_length": 16, "objective.timestep_sampling": "logit_normal"}
+    reference_out, out = tmp_path / "reference", tmp_path / "out"
+    train(load_config(None, overrides(model, data, reference_out, **extra)), log=quiet)
+    args = overrides(model, data, out, **extra)
+    killed = run_killer("kill-micro", 7, [write_config(tmp_path), *args])  # step 4, first micro-batch
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    lines = []
+    train(load_config(None, args), log=lines.append)
+    assert any("step 2 of 6" in line for line in lines), lines
+    assert_same_run(out, reference_out)
