@@ -190,6 +190,34 @@ class ValidationConfig:
 
 
 @dataclass
+class SpeedConfig:
+    """Speed and memory switches (applied by `difftune.speed`; figures in BENCHMARKS.md)."""
+
+    attention_backend: str = _f(
+        "native",
+        "diffusers attention backend for models with attention dispatch (FLUX): `native` is PyTorch SDPA, which "
+        "picks FlashAttention / memory-efficient kernels on CUDA itself; `flash`, `_native_cudnn`, `sage`, "
+        "`xformers`, ... need CUDA and their package. UNets always use PyTorch SDPA (AttnProcessor2_0).",
+    )
+    compile: Literal["none", "regional", "full"] = _f(
+        "none",
+        "torch.compile the denoiser: `regional` compiles its repeated transformer blocks (short warm-up), `full` "
+        "the whole forward. Needs triton on CUDA, a C++ compiler on CPU.",
+    )
+    tf32: bool = _f(True, "TF32 for fp32 matmuls and convolutions on Ampere or newer GPUs (no effect elsewhere).")
+    fused_optimizer: bool = _f(True, "Fused AdamW kernel where torch has one (CUDA, CPU); ignored with adamw8bit.")
+    channels_last: bool = _f(
+        False, "Channels-last memory format for convolution weights (UNets; faster convolutions on CUDA)."
+    )
+    base_weights: Literal["auto", "fp8", "nf4"] = _f(
+        "auto",
+        "LoRA only, how the frozen denoiser weights are stored: `auto` in train.precision's dtype; `fp8` in "
+        "float8_e4m3 with a scale per row (half of bf16), dequantised as each layer runs; `nf4` 4-bit NormalFloat "
+        "(QLoRA, needs bitsandbytes). Linear layers only; embedders and the first/last projections stay as they are.",
+    )
+
+
+@dataclass
 class Config:
     """A difftune training run."""
 
@@ -200,6 +228,7 @@ class Config:
     train: TrainConfig = _f(factory=TrainConfig, doc="Optimisation.")
     checkpoint: CheckpointConfig = _f(factory=CheckpointConfig, doc="Checkpoints and resume.")
     validation: ValidationConfig = _f(factory=ValidationConfig, doc="Samples during training.")
+    speed: SpeedConfig = _f(factory=SpeedConfig, doc="Speed and memory switches.")
     output_dir: str = _f("", "Where everything lands: weights, checkpoints, samples, logs, the resolved config.")
 
 

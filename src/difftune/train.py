@@ -1,7 +1,8 @@
 """The training loop, readable top to bottom.
 
 ``train(cfg)``: check the config and data, load the model, attach the method (LoRA or full), resume
-from the newest complete checkpoint, cache prompt embeddings, then for each optimizer step:
+from the newest complete checkpoint, encode prompts and image views once (or read them from the disk
+cache, see data/cache.py), then for each optimizer step:
 accumulate micro-batches, clip, step, log, checkpoint, sample. Finally write the weights in the
 format the matching diffusers pipeline loads.
 
@@ -124,6 +125,8 @@ def _set_rng_state(tensors: dict, plain: dict) -> None:
 def _make_optimizer(cfg: Config, groups: list[dict]):
     import torch
 
+    from . import speed
+
     t = cfg.train
     kwargs = dict(betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay)
     if t.optimizer == "adamw8bit":
@@ -134,7 +137,7 @@ def _make_optimizer(cfg: Config, groups: list[dict]):
         except ImportError:
             raise DifftuneError("train.optimizer=adamw8bit needs bitsandbytes: pip install bitsandbytes") from None
         return bnb.optim.AdamW8bit(groups, **kwargs)
-    return torch.optim.AdamW(groups, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs, **speed.adamw_options(cfg, (p for g in groups for p in g["params"])))
 
 
 def _oom_message(cfg: Config) -> str:
@@ -181,7 +184,9 @@ def train(cfg: Config, log=print) -> Path:
     from accelerate import Accelerator
     from diffusers.optimization import get_scheduler
 
+    from . import speed
     from .adapters import lora
+    from .data.cache import FeatureStore, ImageFeatures, PromptFeatures
     from .data.dataset import TrainingData, build_items
     from .families.registry import resolve_family
 
@@ -199,6 +204,7 @@ def train(cfg: Config, log=print) -> Path:
     )
     main = accelerator.is_main_process
     say = log if main else (lambda *_: None)
+    speed.setup(cfg, accelerator.device)  # fails here, before loading, if a speed switch cannot run
     resume_from = find_resume(cfg, say)
     resumed = load_checkpoint(resume_from) if resume_from else None
     if resumed:
@@ -217,20 +223,12 @@ def train(cfg: Config, log=print) -> Path:
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.train.precision]
     family = family_cls(cfg, accelerator.device, weight_dtype)
     family.load()
-    part_names = family.trainable_part_names()
-    for name in part_names:
-        module = family.parts[name]
-        if cfg.method.kind == "lora":
-            lora.add_lora(module, name, lora.targets_for(name, family.lora_targets, cfg.method, family.denoiser), cfg.method)
-        else:
-            module.requires_grad_(True)
-        module.train()
-        if cfg.train.gradient_checkpointing:
-            enable = getattr(module, "enable_gradient_checkpointing", None) or module.gradient_checkpointing_enable
-            enable()
+    part_names = attach_method(family, cfg)
     if cfg.method.kind == "lora" and cfg.method.init_lora and not resumed:
         lora.init_from_lora(family, cfg.method.init_lora, part_names)
         say(f"starting from LoRA {cfg.method.init_lora}")
+    speed.apply(family.parts[family.denoiser], cfg, weight_dtype)
+    say(f"speed: {speed.describe(cfg)}")
 
     groups = []
     for name in part_names:
@@ -254,15 +252,25 @@ def train(cfg: Config, log=print) -> Path:
         start = resumed["state"]["step"]
         say(f"resuming from {resume_from} (step {start} of {cfg.train.steps})")
 
-    # ---- prompt cache: frozen text encoders encode each distinct prompt once -----------------------
+    # ---- feature caches: frozen encoders see each prompt and image view once, results kept on disk ----
+    cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "cache"
     text_frozen = not cfg.method.train_text_encoder
     prompt_cache: dict[str, dict] = {}
     if text_frozen:
-        with torch.no_grad():
-            for prompt in data.all_prompts():
-                prompt_cache[prompt] = {k: v[0] for k, v in family.encode_prompts([prompt]).items()}
-        if accelerator.device.type != "cpu":
-            family.text_encoders_to("cpu")
+        text_side = PromptFeatures(family, FeatureStore(cache_root / "prompts", say) if cfg.data.cache else None)
+        prompt_cache = text_side.table(data.all_prompts())
+        say(f"prompt embeddings: {text_side.encoded} encoded, {text_side.loaded} read from the cache")
+        family.after_prompt_cache()  # e.g. text encoders off the accelerator, or out of memory
+    views = data.fixed_views()
+    image_store = FeatureStore(cache_root / "images", say) if cfg.data.cache and views is not None else None
+    image_features = ImageFeatures(family, data, image_store, accelerator.autocast)
+    if image_store is not None:
+        encoded = image_features.prepare(views, accelerator.process_index, accelerator.num_processes, main)
+        accelerator.wait_for_everyone()
+        encoded = int(accelerator.reduce(torch.tensor(encoded, device=accelerator.device), "sum"))
+        say(f"image features: {encoded} encoded, {len(views) - encoded} read from the cache in {cache_root}")
+    elif cfg.data.cache:
+        say("data.crop=random: image features are encoded at every step, not cached (each epoch's crops differ)")
 
     def prompt_features(prompts: list[str]) -> dict:
         if not text_frozen:
@@ -286,11 +294,12 @@ def train(cfg: Config, log=print) -> Path:
             losses, bad_paths = [], []
             for micro in range(accum):
                 k = (step * accum + micro) * world + rank
-                batch = data.batch(k)
+                batch = data.batch(k, pixels=False)
                 sync = micro == accum - 1
                 try:
                     with accelerator.autocast(), _no_sync(accelerator, family, part_names, sync):
-                        loss = _micro_step(family, objective, batch, prompt_features, micro_seed(cfg.train.seed, k, rank))
+                        loss = _micro_step(family, objective, batch, image_features, prompt_features,
+                                           micro_seed(cfg.train.seed, k, rank))
                         if not torch.isfinite(loss):
                             bad_paths += batch["paths"]
                         accelerator.backward(loss / accum)
@@ -331,7 +340,9 @@ def train(cfg: Config, log=print) -> Path:
             progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}")
 
             stopping = bool(accelerator.reduce(torch.tensor(float(stop.signal is not None), device=accelerator.device), "max"))
-            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.steps) or (stopping and step < cfg.train.steps):
+            # the last step is checkpointed too, so a rerun with more steps continues from it
+            due = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
+            if due or stopping or step == cfg.train.steps:
                 _save(family, part_names, cfg, step, data, optimizer, lr_scheduler, accelerator)
             if stopping and step < cfg.train.steps:
                 progress.close()
@@ -367,13 +378,31 @@ def train(cfg: Config, log=print) -> Path:
 # -----------------------------------------------------------------------------------------------
 
 
-def _micro_step(family, objective, batch, prompt_features, seed: int):
+def attach_method(family, cfg: Config) -> list[str]:
+    """Make the trained parts trainable (LoRA adapters or every weight), in train mode, with gradient
+    checkpointing if asked; returns their names. Shared with `difftune bench`, which times this setup."""
+    from .adapters import lora
+
+    part_names = family.trainable_part_names()
+    for name in part_names:
+        module = family.parts[name]
+        if cfg.method.kind == "lora":
+            lora.add_lora(module, name, lora.targets_for(name, family.lora_targets, cfg.method, family.denoiser), cfg.method)
+        else:
+            module.requires_grad_(True)
+        module.train()
+        if cfg.train.gradient_checkpointing:
+            enable = getattr(module, "enable_gradient_checkpointing", None) or module.gradient_checkpointing_enable
+            enable()
+    return part_names
+
+
+def _micro_step(family, objective, batch, image_features, prompt_features, seed: int):
     """Loss of one micro-batch (mean over elements, weighted per sample)."""
     import torch
 
     device = family.device
-    with torch.no_grad():
-        features = family.encode_images(batch["pixels"].to(device))
+    features = image_features(batch["views"])  # from the disk cache, or encoded now (frozen encoder)
     features.update(prompt_features(batch["prompts"]))
     x0 = features.pop("x0").float()
     generator = torch.Generator().manual_seed(seed)

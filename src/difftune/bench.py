@@ -1,0 +1,1071 @@
+"""`difftune bench`: how fast difftune trains a family at a given size on this machine, against the
+machine's limit.
+
+One *case* is a family, a size preset, a resolution, a batch size, a method and a mode; each prints
+one table row on stdout and, with ``--json FILE``, appends one JSON object to FILE. Measured:
+seconds per step (median over the timed steps, after warm-up) and images per second, time to first
+step (from the start of the case until the first optimizer step has finished: model build,
+compilation and the step itself), peak memory (CUDA: ``torch.cuda.max_memory_allocated``; CPU:
+the peak resident set size of the process, sampled every 5 ms, so it includes Python and torch
+themselves) and model FLOPs utilisation (MFU).
+
+Modes:
+
+- ``train``: difftune's own optimizer step, with **cached inputs**: random latents and random prompt
+  embeddings of the exact shapes and dtypes the family's encoders produce (the case of a run whose
+  features are in the cache), fed through `train._micro_step` (timesteps, noise, the family's
+  ``predict``, the objective's loss), ``accelerator.backward``, gradient clipping and the optimizer,
+  with every `speed` switch of the config applied as `train` applies it.
+- ``bare``: only the denoiser's forward and backward on the very tensors ``predict`` gave it in a
+  ``train`` step, a mean-squared loss and the same optimizer: the floor difftune's step is compared with.
+- ``overhead``: ``train`` and ``bare`` steps taking turns in one process; the row adds
+  ``overhead_ratio``, the median of the step-by-step ratios (so a machine whose load drifts, like a
+  shared CI box, slows both alike), on wall-clock and on process-CPU time.
+- ``baseline``: a re-creation of the per-step work of a diffusers example training script (for
+  FLUX: ``examples/dreambooth/train_dreambooth_lora_flux.py``, see `DreamBoothLoraFlux`).
+- ``compare``: ``train`` and ``baseline`` steps taking turns; the row adds ``speedup_vs_baseline``.
+- ``generate``: one pipeline call (``--gen-steps`` denoising steps) of the family's sampling pipeline.
+- ``e2e`` / ``baseline-e2e``: a whole run of ``--steps`` steps, from loading the model to the saved
+  LoRA, on generated images (tiny preset only): ``difftune train`` against the re-created script.
+- ``flops``: nothing runs; the FLOPs of one step of any preset, counted on the ``meta`` device (the
+  real FLUX.1-dev on a laptop), and with ``--peak-tflops`` the seconds per step at 100% MFU.
+
+Models: ``tiny`` is the pipeline of `difftune.tiny.make_tiny`; ``small`` swaps in a larger denoiser
+(CPU-sized); ``real`` builds the published architecture of FLUX.1-dev, SD 1.5 or the Kandinsky 2.2
+decoder from its config (`PRESETS`) with random weights: the denoiser directly on the device in the
+weight dtype, the encoders on the ``meta`` device, where running them costs nothing and yields the
+shapes of the cached inputs (``generate`` builds every part on the device). No download is needed.
+
+MFU: FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` over the denoiser's forward
+and backward on the exact inputs of one step, on a ``meta`` copy of the denoiser (no memory, no
+time; gradient checkpointing off there, so recomputation is not counted: *model* FLOPs), divided by
+seconds per step and by the peak: ``--peak-tflops`` if given, else the best of a few large matmuls
+in the compute dtype, measured here (``peak_source`` in the row says which). ``generate`` counts
+the FLOPs of one real pipeline call. Only matmuls, convolutions and attention are counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import DifftuneError
+
+EXAMPLES = """examples:
+  difftune bench --family sd --steps 5                                   # tiny SD LoRA on this machine
+  difftune bench --family flux --preset small --resolution 256 --json bench.jsonl
+  difftune bench --family flux --mode overhead --steps 30                # difftune's step / the bare model's
+  difftune bench --family flux --mode compare --steps 30                 # against diffusers' FLUX DreamBooth LoRA
+  difftune bench --family flux --preset real --mode flops --peak-tflops 989   # FLOPs of FLUX.1-dev, anywhere
+  difftune bench --family flux --preset real --resolution 1024 --precision bf16 --rank 16 \\
+      train.gradient_checkpointing=true speed.base_weights=fp8 --json bench.jsonl   # on a GPU
+  difftune bench --family sd --preset real --resolution 512 --precision bf16 --batch 8,16,32,64
+  difftune bench --family flux --preset real --resolution 1024 --precision bf16 --mode generate --gen-steps 28
+
+Trailing key.path=value pairs set config keys as in `difftune train` (speed.*, train.*, method.*, objective.*).
+"""
+
+MODES = ("train", "bare", "overhead", "baseline", "compare", "generate", "e2e", "baseline-e2e", "flops")
+
+#: family -> (`make_tiny` family, sub-folder of the pipeline, sub-folder of its prior or None)
+TINY_SOURCES: dict[str, tuple[str, str | None, str | None]] = {
+    "sd": ("sd", None, None),
+    "flux": ("flux", None, None),
+    "kandinsky22-decoder": ("kandinsky22", "decoder", "prior"),
+    "kandinsky22-prior": ("kandinsky22", "prior", None),
+}
+
+# ---- the published architectures (config.json of each part), for random-weight models ------------------
+
+#: runwayml/stable-diffusion-v1-5 unet/config.json (860M parameters)
+SD15_UNET = {
+    "sample_size": 64, "in_channels": 4, "out_channels": 4, "center_input_sample": False,
+    "flip_sin_to_cos": True, "freq_shift": 0,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "downsample_padding": 1,
+    "mid_block_scale_factor": 1, "act_fn": "silu", "norm_num_groups": 32, "norm_eps": 1e-5,
+    "cross_attention_dim": 768, "attention_head_dim": 8,
+}
+#: the SD 1.x / FLUX.1 VAE encoder-decoder (factor 8); FLUX.1 has 16 latent channels and a shift
+SD_VAE = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "layers_per_block": 2, "act_fn": "silu", "norm_num_groups": 32, "sample_size": 512, "scaling_factor": 0.18215,
+}
+FLUX_VAE = {**SD_VAE, "latent_channels": 16, "sample_size": 1024, "scaling_factor": 0.3611, "shift_factor": 0.1159,
+            "use_quant_conv": False, "use_post_quant_conv": False, "force_upcast": True}
+#: openai/clip-vit-large-patch14 text tower (SD 1.5 text_encoder, FLUX.1 text_encoder)
+CLIP_L_TEXT = {
+    "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+    "max_position_embeddings": 77, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "projection_dim": 768,
+    "vocab_size": 49408,
+}
+#: google/t5-v1_1-xxl encoder (FLUX.1 text_encoder_2, 4.7B parameters)
+T5_XXL = {
+    "d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24, "feed_forward_proj": "gated-gelu",
+    "dense_act_fn": "gelu_new", "is_gated_act": True, "layer_norm_epsilon": 1e-6, "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128, "tie_word_embeddings": False, "vocab_size": 32128,
+}
+#: black-forest-labs/FLUX.1-dev transformer/config.json (11.9B parameters)
+FLUX1_DEV_TRANSFORMER = {
+    "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
+    "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True,
+    "axes_dims_rope": [16, 56, 56],
+}
+#: kandinsky-community/kandinsky-2-2-decoder unet/config.json (1.2B parameters)
+K22_DECODER_UNET = {
+    "sample_size": 64, "in_channels": 4, "out_channels": 8, "act_fn": "silu", "addition_embed_type": "image",
+    "addition_embed_type_num_heads": 64, "attention_head_dim": 64, "block_out_channels": [384, 768, 1152, 1536],
+    "cross_attention_dim": 768, "cross_attention_norm": "group_norm",
+    "down_block_types": ["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D",
+                         "SimpleCrossAttnDownBlock2D"],
+    "up_block_types": ["SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D",
+                       "ResnetUpsampleBlock2D"],
+    "mid_block_type": "UNetMidBlock2DSimpleCrossAttn", "encoder_hid_dim": 1280, "encoder_hid_dim_type": "image_proj",
+    "layers_per_block": 3, "norm_num_groups": 32, "norm_eps": 1e-5, "resnet_time_scale_shift": "scale_shift",
+    "flip_sin_to_cos": True, "freq_shift": 0, "downsample_padding": 1, "mid_block_scale_factor": 1,
+}
+#: kandinsky-2-2-decoder movq/config.json (factor 8)
+K22_MOVQ = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "vq_embed_dim": 4, "num_vq_embeddings": 16384,
+    "block_out_channels": [128, 256, 256, 512], "layers_per_block": 2, "norm_num_groups": 32, "norm_type": "spatial",
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "AttnDownEncoderBlock2D"],
+    "up_block_types": ["AttnUpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
+    "sample_size": 32,
+}
+#: kandinsky-2-2-prior image_encoder (OpenCLIP ViT-bigG/14 vision tower, 1280-dim image embeddings); the
+#: input size stays the tiny processor's, which changes no output shape
+K22_IMAGE_ENCODER = {
+    "hidden_size": 1664, "intermediate_size": 8192, "num_hidden_layers": 48, "num_attention_heads": 16,
+    "projection_dim": 1280, "hidden_act": "gelu",
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A model size: config overrides per part, on top of the tiny pipeline's configs."""
+
+    resolution: int
+    parts: dict[str, dict] = field(default_factory=dict)
+    note: str = ""
+
+
+#: family -> preset name -> Preset. ``tiny`` changes nothing; ``small`` only the denoiser (its
+#: conditioning sizes stay the tiny encoders'); ``real`` every part whose sizes the inputs depend on.
+PRESETS: dict[str, dict[str, Preset]] = {
+    "sd": {
+        "tiny": Preset(64),
+        "small": Preset(256, {"unet": {
+            "block_out_channels": [64, 128, 256], "layers_per_block": 1, "attention_head_dim": 8,
+            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]}}, "SD-shaped UNet, 64-128-256"),
+        "real": Preset(512, {"unet": SD15_UNET, "vae": SD_VAE, "text_encoder": CLIP_L_TEXT}, "SD 1.5"),
+    },
+    "flux": {
+        "tiny": Preset(64),
+        "small": Preset(256, {"transformer": {
+            "num_layers": 2, "num_single_layers": 4, "attention_head_dim": 64, "num_attention_heads": 4,
+            "axes_dims_rope": [8, 28, 28]}}, "FLUX-shaped, 2+4 blocks, width 256"),
+        "real": Preset(1024, {"transformer": FLUX1_DEV_TRANSFORMER, "vae": FLUX_VAE, "text_encoder": CLIP_L_TEXT,
+                              "text_encoder_2": T5_XXL}, "FLUX.1-dev"),
+    },
+    "kandinsky22-decoder": {
+        "tiny": Preset(64),
+        "small": Preset(256, {"unet": {
+            "block_out_channels": [64, 128, 256], "layers_per_block": 1, "attention_head_dim": 32,
+            "down_block_types": ["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D"],
+            "up_block_types": ["SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"]}},
+            "decoder-shaped UNet, 64-128-256"),
+        "real": Preset(768, {"unet": K22_DECODER_UNET, "movq": K22_MOVQ, "image_encoder": K22_IMAGE_ENCODER},
+                       "Kandinsky 2.2 decoder"),
+    },
+}
+
+PROMPT = "a photo of sks dog"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--family", default="sd", help="model family: sd, flux, kandinsky22-decoder (default sd)")
+    parser.add_argument("--preset", default="tiny", help="model size: tiny, small or real (default tiny)")
+    parser.add_argument("--resolution", type=int, help="image side in pixels (default: the preset's)")
+    parser.add_argument("--batch", default="1", help="batch size, or a comma list to sweep (default 1)")
+    parser.add_argument("--method", choices=["lora", "full"], default="lora")
+    parser.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
+    parser.add_argument("--precision", choices=["no", "fp16", "bf16"],
+                        help="mixed precision (default: bf16 on a GPU, no on a CPU)")
+    parser.add_argument("--mode", choices=MODES, default="train", help="what is timed (default train)")
+    parser.add_argument("--steps", type=int, help="timed steps (default 10; generate: 3 calls; e2e: 20 steps)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    parser.add_argument("--gen-steps", type=int, default=28, help="denoising steps per generate call (default 28)")
+    parser.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s (default: measured matmul)")
+    parser.add_argument("--json", type=Path, help="append one JSON line per case to this file")
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="config keys (speed.*, train.*, ...)")
+
+
+@dataclass
+class Case:
+    """One benchmark case; `overrides` are config `key.path=value` strings."""
+
+    family: str = "sd"
+    preset: str = "tiny"
+    resolution: int | None = None
+    batch: int = 1
+    method: str = "lora"
+    rank: int = 16
+    precision: str | None = None
+    mode: str = "train"
+    steps: int | None = None
+    warmup: int = 2
+    gen_steps: int = 28
+    peak_tflops: float | None = None
+    overrides: list[str] = field(default_factory=list)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        batches = [int(b) for b in str(args.batch).split(",") if b.strip()]
+    except ValueError:
+        raise DifftuneError(f"--batch must be an integer or a comma list of integers, got {args.batch!r}") from None
+    import diffusers
+    import transformers
+
+    # the row is the output: no per-file loading bars from the libraries in between
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="difftune-bench-") as work:
+        for batch in batches:
+            case = Case(args.family, args.preset, args.resolution, batch, args.method, args.rank, args.precision,
+                        args.mode, args.steps, args.warmup, args.gen_steps, args.peak_tflops, list(args.overrides))
+            print(f"bench: {args.family}/{args.preset} {args.mode}, batch {batch} ...", file=sys.stderr, flush=True)
+            row = run_case(case, Path(work))
+            row["command"] = command_line(args, batch)
+            if not rows:
+                print(table_header(), flush=True)
+            print(table_row(row), flush=True)
+            rows.append(row)
+            if args.json:
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                with args.json.open("a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+    return 0
+
+
+def command_line(args: argparse.Namespace, batch: int) -> str:
+    """The `difftune bench` command that reruns exactly this case (for BENCHMARKS.md)."""
+    parts = ["difftune bench", f"--family {args.family}", f"--preset {args.preset}", f"--batch {batch}",
+             f"--mode {args.mode}", f"--method {args.method}"]
+    for flag, value in (("--resolution", args.resolution), ("--rank", args.rank if args.method == "lora" else None),
+                        ("--precision", args.precision), ("--steps", args.steps), ("--warmup", args.warmup),
+                        ("--peak-tflops", args.peak_tflops)):
+        if value is not None:
+            parts.append(f"{flag} {value}")
+    if args.mode == "generate":
+        parts.append(f"--gen-steps {args.gen_steps}")
+    return " ".join(parts + list(args.overrides))
+
+
+# ---- the table ------------------------------------------------------------------------------------
+
+_COLUMNS = [  # (title, width, formatter)
+    ("family", 20, lambda r: r["family"]), ("preset", 6, lambda r: r["preset"]), ("mode", 12, lambda r: r["mode"]),
+    ("method", 7, lambda r: r["method_label"]), ("res", 5, lambda r: str(r["resolution"])),
+    ("batch", 5, lambda r: str(r["batch"])), ("prec", 4, lambda r: r["precision"]),
+    ("s/step", 8, lambda r: _num(r.get("sec_per_step"), "{:.4f}")),
+    ("img/s", 8, lambda r: _num(r.get("images_per_s"), "{:.2f}")),
+    ("first_s", 8, lambda r: _num(r.get("first_step_s"), "{:.2f}")),
+    ("peak_GB", 8, lambda r: _num(r.get("peak_mem_gb"), "{:.2f}")),
+    ("FLOP/step", 9, lambda r: _flops(r.get("flops_per_step"))),
+    ("MFU", 7, lambda r: f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"),
+    ("", 0, lambda r: _note(r)),
+]
+
+
+def _note(row: dict) -> str:
+    if "overhead_ratio" in row:
+        return f"x{row['overhead_ratio']:.2f} the bare step ({row['bare_sec_per_step']:.4f} s)"
+    if "speedup_vs_baseline" in row:
+        return f"{row['speedup_vs_baseline']:.2f}x faster than the baseline ({row['baseline_sec_per_step']:.4f} s)"
+    if "e2e_s" in row:
+        return f"{row['e2e_s']:.2f} s for {row['steps']} steps, end to end"
+    if "sec_per_step_at_peak" in row:
+        return f"{row['sec_per_step_at_peak']:.4f} s/step at {row['peak_tflops']:g} TFLOP/s"
+    return ""
+
+
+def _num(value: Any, spec: str) -> str:
+    return "-" if value is None else spec.format(value)
+
+
+def _flops(value: Any) -> str:
+    if not value:
+        return "-"
+    return f"{value / 1e12:.1f}T" if value >= 1e12 else f"{value / 1e9:.2f}G"
+
+
+def table_header() -> str:
+    return "  ".join(title.rjust(width) for title, width, _ in _COLUMNS).rstrip()
+
+
+def table_row(row: dict) -> str:
+    return "  ".join(fmt(row).rjust(width) for _, width, fmt in _COLUMNS).rstrip()
+
+
+# ---- measuring ------------------------------------------------------------------------------------
+
+
+class PeakMemory:
+    """Peak memory over a `with` block: CUDA allocator peak on a GPU, sampled process RSS on a CPU."""
+
+    def __init__(self, device: Any):
+        self.device = device
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def kind(self) -> str:
+        return "cuda_max_allocated" if self.device.type == "cuda" else "process_rss"
+
+    def __enter__(self) -> "PeakMemory":
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            import psutil
+
+            process = psutil.Process()
+
+            def sample() -> None:
+                while not self._stop.wait(0.005):
+                    self.peak = max(self.peak, process.memory_info().rss)
+
+            self.peak = process.memory_info().rss
+            self._thread = threading.Thread(target=sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            if self._thread is not None:
+                self._thread.join()
+
+
+def synchronize(device: Any) -> None:
+    """Wait for queued accelerator work, so wall-clock times measure it."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_peak_tflops(device: Any, dtype: Any) -> float:
+    """Best TFLOP/s of a few large square matmuls in `dtype` on `device` (the achievable peak)."""
+    import torch
+
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    best = float("inf")
+    for _ in range(2):  # warm-up: kernel selection, clocks
+        a @ b
+    synchronize(device)
+    reps = 10 if device.type == "cuda" else 3
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        synchronize(device)
+        best = min(best, (time.perf_counter() - t) / reps)
+    return 2 * n**3 / best / 1e12
+
+
+def count_flops(module: Any, args: tuple, kwargs: dict) -> tuple[int, int]:
+    """FLOPs of (the forward, forward + backward) of `module(*args, **kwargs)`, counted on a ``meta`` copy.
+
+    The copy shares nothing with `module` (parameters are replaced by empty meta tensors, fp32 so
+    LoRA and base layers agree without autocast), keeps which weights need gradients (so a frozen
+    base gets no weight-gradient matmuls, as in training) and runs without gradient checkpointing.
+    Only matmuls, convolutions and attention count (``FlopCounterMode``'s formulas).
+    """
+    import copy
+
+    import torch
+    from torch.utils._pytree import tree_map
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def meta_like(t: Any) -> Any:
+        return torch.empty_like(t, device="meta", dtype=torch.float32 if t.is_floating_point() else t.dtype)
+
+    memo: dict[int, Any] = {}
+    for p in module.parameters():
+        memo[id(p)] = torch.nn.Parameter(meta_like(p), requires_grad=p.requires_grad)
+    for b in module.buffers():
+        memo[id(b)] = meta_like(b)
+    twin = copy.deepcopy(module, memo)
+    if getattr(twin, "is_gradient_checkpointing", False):
+        twin.disable_gradient_checkpointing()
+
+    def to_meta(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return x
+        return meta_like(x).requires_grad_(x.requires_grad and x.is_floating_point())
+
+    with FlopCounterMode(display=False) as counter:
+        out = twin(*tree_map(to_meta, args), **tree_map(to_meta, kwargs))[0]
+        forward = counter.get_total_flops()
+        out.float().pow(2).mean().backward()
+    return int(forward), int(counter.get_total_flops())
+
+
+# ---- building models --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: Any):
+    import torch
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def build_part(like: Any, overrides: dict, device: Any, dtype: Any) -> Any:
+    """A randomly initialised module of `like`'s class with `like`'s config updated by `overrides`,
+    created directly on `device` (``meta``: no memory) in `dtype`, frozen, in eval mode."""
+    import torch
+
+    cls = type(like)
+    with torch.device(device), _default_dtype(dtype):
+        if hasattr(like.config, "to_dict"):  # transformers: a PretrainedConfig object
+            config = type(like.config).from_dict({**like.config.to_dict(), **overrides})
+            module = cls(config)
+        else:  # diffusers: a FrozenDict of __init__ arguments
+            config = {k: v for k, v in dict(like.config).items() if not k.startswith("_")}
+            module = cls.from_config({**config, **overrides})
+    return module.to(device=device, dtype=dtype).requires_grad_(False).eval()
+
+
+def _tiny_paths(family: str, work: Path) -> tuple[str, str | None]:
+    """The tiny pipeline folder of `family` (and its prior's), written once under `work`."""
+    from .tiny import make_tiny
+
+    if family not in TINY_SOURCES:
+        raise DifftuneError(f"--family {family!r}: one of {', '.join(TINY_SOURCES)}")
+    source, sub, prior = TINY_SOURCES[family]
+    root = work / f"tiny-{source}"
+    if not root.exists():
+        make_tiny(source, root)
+    return str(root / sub if sub else root), (str(root / prior) if prior else None)
+
+
+def _case_config(case: Case, model_path: str, prior: str | None, resolution: int, precision: str, out: Path,
+                 data_dir: Path | None = None) -> Any:
+    from .config import load_config
+
+    items = {
+        "model.path": model_path, "model.family": case.family, "method.kind": case.method, "method.rank": case.rank,
+        "data.resolution": resolution, "train.batch_size": case.batch, "train.precision": precision,
+        "checkpoint.every": 0, "output_dir": str(out),
+    }
+    if prior:
+        items["model.prior"] = prior
+    if data_dir is not None:
+        items["data.concepts"] = f"[{{dir: '{data_dir}', prompt: '{PROMPT}'}}]"
+    if case.steps is not None:
+        items["train.steps"] = case.steps
+    return load_config(None, [f"{k}={v}" for k, v in items.items()] + list(case.overrides))
+
+
+def build_family(cfg: Any, device: Any, weight_dtype: Any, preset: Preset, everything_on_device: bool = False) -> Any:
+    """The family of `cfg`, loaded from its tiny pipeline, with the preset's parts swapped in: the denoiser
+    on `device` (fp32 if fully trained), the other swapped parts on ``meta`` unless `everything_on_device`."""
+    import torch
+
+    from .families.registry import get_family
+
+    family = get_family(cfg.model.family)(cfg, device, weight_dtype)
+    family.load()
+    full = set(family.trainable_part_names()) if cfg.method.kind == "full" else set()
+    meta = torch.device("meta")
+    on_device = {name: everything_on_device or name == family.denoiser for name in preset.parts}
+    if device.type != "meta":  # fail before building what cannot fit (the real FLUX on a laptop)
+        shapes = {name: build_part(family.parts[name], preset.parts[name], meta, torch.float32)
+                  for name, here in on_device.items() if here}
+        need = sum(p.numel() * (4 if name in full else weight_dtype.itemsize)
+                   for name, part in shapes.items() for p in part.parameters())
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _available_ram()
+        if need > free:
+            raise DifftuneError(
+                f"{preset.note} ({', '.join(shapes)}): {need / 1e9:.1f} GB of weights alone, but the {device.type} has "
+                f"{free / 1e9:.1f} GB free; use a smaller preset, or --mode flops to count its FLOPs without running it")
+    for name, overrides in preset.parts.items():
+        dtype = torch.float32 if name in full else weight_dtype
+        family.parts[name] = build_part(family.parts[name], overrides, device if on_device[name] else meta, dtype)
+    return family
+
+
+def _available_ram() -> int:
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def cached_inputs(family: Any, resolution: int, batch: int, encoders_device: Any, seed: int = 0) -> tuple[dict, dict]:
+    """Random (image features, prompt features) for a batch, shaped and typed as the family's encoders
+    output them at `resolution`: floating tensors are standard normal (like scaled latents and
+    embeddings), integer and boolean ones (token masks) all ones. The encoders run once, on
+    `encoders_device` (``meta`` for the real presets), just for the shapes."""
+    import torch
+
+    device = family.device
+    family.device = encoders_device
+    try:
+        with torch.no_grad():
+            pixels = torch.zeros(1, 3, resolution, resolution, device=encoders_device)
+            image = family.encode_images(pixels)
+            prompt = family.encode_prompts([PROMPT])
+    finally:
+        family.device = device
+    generator = torch.Generator().manual_seed(seed)
+
+    def fill(t: Any) -> Any:
+        shape = (batch, *t.shape[1:])
+        if t.is_floating_point():
+            return torch.randn(shape, generator=generator).to(device=device, dtype=t.dtype)
+        return torch.ones(shape, dtype=t.dtype, device=device)
+
+    return {k: fill(v) for k, v in image.items()}, {k: fill(v) for k, v in prompt.items()}
+
+
+def denoiser_call(family: Any, objective: Any, images: dict, prompts: dict) -> tuple[tuple, dict]:
+    """The positional and keyword arguments `family.predict` passes to the denoiser for these cached
+    inputs (at timesteps the objective draws): what ``bare`` mode and the FLOP count run it on."""
+    import torch
+
+    from .families.base import unwrap
+
+    features = {k: v for k, v in images.items() if k != "x0"}
+    features.update(prompts)
+    x0 = images["x0"].float()
+    generator = torch.Generator().manual_seed(0)
+    t = objective.sample_timesteps(x0, generator)
+    x_t = torch.randn(x0.shape, generator=generator).to(x0.device)
+    seen: dict[str, Any] = {}
+    hook = unwrap(family.parts[family.denoiser]).register_forward_pre_hook(
+        lambda module, args, kwargs: seen.update(args=args, kwargs=kwargs), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            family.predict(x_t, t, features)
+    finally:
+        hook.remove()
+    return seen["args"], seen["kwargs"]
+
+
+# ---- one case ---------------------------------------------------------------------------------------------
+
+
+def run_case(case: Case, work: Path) -> dict:
+    """Run one benchmark case; returns its result row (also what ``--json`` writes)."""
+    import torch
+
+    if case.mode not in MODES:
+        raise DifftuneError(f"--mode {case.mode!r}: one of {', '.join(MODES)}")
+    if case.family not in PRESETS:
+        raise DifftuneError(f"--family {case.family!r}: the bench knows {', '.join(PRESETS)}")
+    presets = PRESETS[case.family]
+    if case.preset not in presets:
+        raise DifftuneError(f"--preset {case.preset!r}: one of {', '.join(presets)} for {case.family}")
+    if case.batch < 1 or case.warmup < 0 or (case.steps is not None and case.steps < 1):
+        raise DifftuneError("--batch and --steps must be >= 1, --warmup >= 0")
+    preset = presets[case.preset]
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    precision = case.precision or ("bf16" if cuda else "no")
+    resolution = case.resolution or preset.resolution
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    model_path, prior = _tiny_paths(case.family, work)
+    out = Path(tempfile.mkdtemp(prefix="run-", dir=work))
+    cfg = _case_config(case, model_path, prior, resolution, precision, out)
+    if cfg.method.train_text_encoder:
+        raise DifftuneError("the bench times the denoiser with cached prompt embeddings; drop method.train_text_encoder")
+
+    row: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"), "family": case.family, "preset": case.preset, "mode": case.mode,
+        "method": case.method, "rank": case.rank if case.method == "lora" else None,
+        "method_label": f"lora{case.rank}" if case.method == "lora" else "full",
+        "resolution": resolution, "batch": case.batch, "precision": precision, "device": _device_name(device),
+        "threads": torch.get_num_threads(), "overrides": list(case.overrides),
+        "gradient_checkpointing": cfg.train.gradient_checkpointing, "speed": asdict(cfg.speed),
+        "torch": torch.__version__,
+    }
+    if case.mode == "flops":
+        row.update(_run_flops(case, cfg, preset))
+        row["device"] = "meta (counted, not run)"
+        if case.peak_tflops:
+            row["peak_tflops"], row["peak_source"] = case.peak_tflops, "given"
+            row["sec_per_step_at_peak"] = row["flops_per_step"] / (case.peak_tflops * 1e12)
+        return row
+    runner = {"train": _run_train, "bare": _run_train, "overhead": _run_train, "compare": _run_train,
+              "baseline": _run_baseline, "generate": _run_generate, "e2e": _run_e2e, "baseline-e2e": _run_e2e}[case.mode]
+    with PeakMemory(device) as memory:
+        try:
+            measured = runner(case, cfg, preset, device, weight_dtype, work)
+        except torch.OutOfMemoryError:
+            raise DifftuneError(f"out of accelerator memory in case {table_row_label(row)}") from None
+    row.update(measured)
+    row["peak_mem_gb"] = memory.peak / 1e9
+    row["peak_mem_kind"] = memory.kind
+    times = row.pop("step_times")
+    row["sec_per_step"] = statistics.median(times)
+    row["sec_per_step_mean"] = statistics.fmean(times)
+    row["sec_per_step_min"] = min(times)
+    row["timed_steps"] = len(times)
+    row["images_per_s"] = case.batch / row["sec_per_step"]
+    if row.get("flops_per_step"):
+        if case.peak_tflops:
+            row["peak_tflops"], row["peak_source"] = case.peak_tflops, "given"
+        else:
+            row["peak_tflops"], row["peak_source"] = measure_peak_tflops(device, weight_dtype), f"measured {weight_dtype}"
+        row["achieved_tflops"] = row["flops_per_step"] / row["sec_per_step"] / 1e12
+        row["mfu"] = row["achieved_tflops"] / row["peak_tflops"]
+    return row
+
+
+def table_row_label(row: dict) -> str:
+    return f"{row['family']}/{row['preset']} {row['mode']} {row['method_label']} {row['resolution']}px batch {row['batch']}"
+
+
+def _device_name(device: Any) -> str:
+    import os
+    import platform
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+
+
+def _timed(steps: list[Callable[[int], Any]], device: Any, warmup: int, n: int, t_start: float) -> dict:
+    """Run `warmup` then `n` rounds of `steps` (several step functions take turns, so a machine whose
+    load drifts slows each of them alike). Returns per step function the wall-clock and process-CPU
+    seconds of each timed step, and the time from `t_start` to the end of the first step."""
+    first = None
+    wall: list[list[float]] = [[] for _ in steps]
+    cpu: list[list[float]] = [[] for _ in steps]
+    for i in range(warmup + n):
+        for j, step in enumerate(steps):
+            t, c = time.perf_counter(), time.process_time()
+            step(i)
+            synchronize(device)
+            now = time.perf_counter()
+            if first is None:
+                first = now - t_start
+            if i >= warmup:
+                wall[j].append(now - t)
+                cpu[j].append(time.process_time() - c)
+    return {"wall": wall, "cpu": cpu, "first": first}
+
+
+def _run_train(case: Case, cfg: Any, preset: Preset, device: Any, weight_dtype: Any, work: Path) -> dict:
+    """``train`` and ``bare``: difftune's step with cached inputs, or the denoiser alone on the same tensors."""
+    import torch
+    from accelerate import Accelerator
+
+    from . import speed
+    from .adapters import lora
+    from .families.base import unwrap
+    from .train import _make_optimizer, _micro_step, attach_method, micro_seed
+
+    t_start = time.perf_counter()
+    accelerator = Accelerator(mixed_precision=cfg.train.precision)
+    speed.setup(cfg, device)
+    torch.manual_seed(cfg.train.seed)
+    family = build_family(cfg, device, weight_dtype, preset)
+    part_names = attach_method(family, cfg)
+    encoders_device = torch.device("meta") if set(preset.parts) - {family.denoiser} else device
+    images, prompts = cached_inputs(family, cfg.data.resolution, case.batch, encoders_device)
+    objective = family.make_objective()
+    batch = {"views": list(range(case.batch)), "prompts": [PROMPT] * case.batch, "paths": []}
+
+    def image_features(views: list) -> dict:
+        return dict(images)  # a new dict each call: the step pops x0 from it
+
+    def prompt_features(names: list[str]) -> dict:
+        return dict(prompts)
+
+    # measurement only, not part of a training run's first step: the denoiser's inputs and FLOPs
+    t_probe = time.perf_counter()
+    denoiser = unwrap(family.parts[family.denoiser])
+    with accelerator.autocast():
+        args, kwargs = denoiser_call(family, objective, images, prompts)
+    forward_flops, flops = count_flops(denoiser, args, kwargs)
+    probe_s = time.perf_counter() - t_probe
+
+    speed.apply(family.parts[family.denoiser], cfg, weight_dtype)
+    groups = [{"params": lora.trainable_parameters(family.parts[name]), "lr": cfg.train.lr} for name in part_names]
+    params = [p for g in groups for p in g["params"]]
+    optimizer = accelerator.prepare(_make_optimizer(cfg, groups))
+    for name in part_names:
+        family.parts[name] = accelerator.prepare(family.parts[name])
+    max_norm = cfg.train.max_grad_norm
+
+    def train_step(k: int) -> None:
+        with accelerator.autocast():
+            loss = _micro_step(family, objective, batch, image_features, prompt_features, micro_seed(0, k, 0))
+        finite = bool(torch.isfinite(loss))  # the loop checks every loss (one sync per step, as there)
+        accelerator.backward(loss)
+        if max_norm is not None:
+            accelerator.clip_grad_norm_(params, max_norm)
+        if finite:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        float(loss.detach())  # logged every step by the loop
+
+    model = family.parts[family.denoiser]
+    target = None
+
+    def bare_step(k: int) -> None:
+        nonlocal target
+        with accelerator.autocast():
+            out = model(*args, **kwargs)[0]
+            if target is None:
+                target = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(out.device)
+            loss = (out.float() - target).pow(2).mean()
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    steps = {"train": [train_step], "bare": [bare_step], "overhead": [train_step, bare_step]}.get(case.mode)
+    if case.mode == "compare":
+        baseline = _make_baseline(case, cfg, device, weight_dtype)
+        pixels = torch.rand(case.batch, 3, cfg.data.resolution, cfg.data.resolution,
+                            generator=torch.Generator().manual_seed(0)).to(device) * 2 - 1
+        steps = [train_step, lambda k: baseline.step(pixels, batch["prompts"])]
+    timed = _timed(steps, device, case.warmup, case.steps or 10, t_start)
+    result = {
+        "step_times": timed["wall"][0], "cpu_sec_per_step": statistics.median(timed["cpu"][0]),
+        "first_step_s": timed["first"] - probe_s, "flops_per_step": flops, "flops_forward": forward_flops,
+        "params_total": sum(p.numel() for p in unwrap(family.parts[family.denoiser]).parameters()),
+        "params_trained": sum(p.numel() for p in params),
+    }
+    if len(steps) == 2:  # overhead: difftune / bare; compare: baseline / difftune
+        other = "bare" if case.mode == "overhead" else "baseline"
+        theirs = timed["wall"][1]
+        result[f"{other}_sec_per_step"] = statistics.median(theirs)
+        result[f"{other}_cpu_sec_per_step"] = statistics.median(timed["cpu"][1])
+        # the median of step-by-step ratios: each pair ran back to back, under the same machine load
+        key = "overhead_ratio" if other == "bare" else "speedup_vs_baseline"
+        for suffix, (a_times, b_times) in (("", timed["wall"]), ("_cpu", timed["cpu"])):
+            pairs = list(zip(a_times, b_times))
+            ratios = [a / b for a, b in pairs] if other == "bare" else [b / a for a, b in pairs]
+            result[key + suffix] = statistics.median(ratios)
+    return result
+
+
+def _run_flops(case: Case, cfg: Any, preset: Preset) -> dict:
+    """``flops``: the model FLOPs of one training step, everything on the ``meta`` device (any preset,
+    any machine: the real FLUX.1-dev counts in seconds on a laptop). Nothing runs, nothing is timed."""
+    import torch
+
+    from .adapters import lora
+    from .families.base import unwrap
+    from .train import attach_method
+
+    meta = torch.device("meta")
+    # fp32 throughout: meta tensors have no autocast, and FLOPs do not depend on the dtype
+    family = build_family(cfg, meta, torch.float32, preset, everything_on_device=True)
+    part_names = attach_method(family, cfg)
+    denoiser = unwrap(family.parts[family.denoiser]).to(meta)  # LoRA layers are created on the CPU
+    images, prompts = cached_inputs(family, cfg.data.resolution, case.batch, meta)
+    args, kwargs = denoiser_call(family, family.make_objective(), images, prompts)
+    forward, total = count_flops(denoiser, args, kwargs)
+    return {
+        "flops_per_step": total,
+        "flops_forward": forward,
+        "params_total": sum(p.numel() for p in denoiser.parameters()),
+        "params_trained": sum(p.numel() for n in part_names for p in lora.trainable_parameters(family.parts[n])),
+    }
+
+
+def _run_generate(case: Case, cfg: Any, preset: Preset, device: Any, weight_dtype: Any, work: Path) -> dict:
+    """One pipeline call per step: `--gen-steps` denoising steps at the case's resolution and batch."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    t_start = time.perf_counter()
+    torch.manual_seed(cfg.train.seed)
+    family = build_family(cfg, device, weight_dtype, preset, everything_on_device=True)
+    pipe = family.sampling_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    size = cfg.data.resolution
+
+    def call(k: int) -> None:
+        with torch.no_grad():
+            type(family).sample(pipe, PROMPT, steps=case.gen_steps, guidance=family.default_guidance, width=size,
+                                height=size, generator=torch.Generator().manual_seed(k), num=case.batch)
+
+    call(0)  # warm-up, then one counted call
+    synchronize(device)
+    first = time.perf_counter() - t_start
+    # attention through SDPA's math path while counting: FlopCounterMode has no formula for the
+    # fused CPU kernel, and the math path does the same FLOPs as every fused one
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        call(1)
+    timed = _timed([call], device, 0, case.steps or 3, t_start)
+    return {"step_times": timed["wall"][0], "cpu_sec_per_step": statistics.median(timed["cpu"][0]),
+            "first_step_s": first, "flops_per_step": int(counter.get_total_flops()), "gen_steps": case.gen_steps}
+
+
+def _make_baseline(case: Case, cfg: Any, device: Any, weight_dtype: Any) -> Any:
+    if case.family not in BASELINES:
+        raise DifftuneError(
+            f"--mode {case.mode}: no re-created diffusers script for {case.family} (have: {', '.join(BASELINES)})")
+    if case.preset != "tiny" or case.method != "lora":
+        raise DifftuneError(f"--mode {case.mode} loads the diffusers pipeline folder: tiny preset, LoRA only")
+    return BASELINES[case.family](cfg, device, weight_dtype)
+
+
+def _run_baseline(case: Case, cfg: Any, preset: Preset, device: Any, weight_dtype: Any, work: Path) -> dict:
+    """The re-created diffusers example step, with the images and prompts it would encode every step."""
+    import torch
+
+    t_start = time.perf_counter()
+    baseline = _make_baseline(case, cfg, device, weight_dtype)
+    generator = torch.Generator().manual_seed(0)
+    pixels = (torch.rand(case.batch, 3, cfg.data.resolution, cfg.data.resolution, generator=generator) * 2 - 1).to(device)
+    prompts = [PROMPT] * case.batch
+    timed = _timed([lambda k: baseline.step(pixels, prompts)], device, case.warmup, case.steps or 10, t_start)
+    return {"step_times": timed["wall"][0], "cpu_sec_per_step": statistics.median(timed["cpu"][0]),
+            "first_step_s": timed["first"], "params_trained": baseline.n_trained}
+
+
+def _run_e2e(case: Case, cfg: Any, preset: Preset, device: Any, weight_dtype: Any, work: Path) -> dict:
+    """A whole run on generated images: `difftune train`, or the re-created diffusers script."""
+    from .train import train
+
+    if case.preset != "tiny":
+        raise DifftuneError(f"--mode {case.mode} trains from a pipeline folder on disk: tiny preset only")
+    steps = case.steps or 20
+    data_dir = _write_images(work / "images", cfg.data.resolution)
+    out = Path(tempfile.mkdtemp(prefix="e2e-", dir=work))
+    run_cfg = _case_config(Case(**{**asdict(case), "steps": steps}), cfg.model.path, cfg.model.prior,
+                           cfg.data.resolution, cfg.train.precision, out, data_dir)
+    t = time.perf_counter()
+    if case.mode == "e2e":
+        train(run_cfg, log=lambda *_: None)
+    else:
+        if case.family not in BASELINES:
+            raise DifftuneError(f"--mode baseline-e2e: no re-created diffusers script for {case.family}")
+        BASELINES[case.family].run(run_cfg, device, weight_dtype, data_dir, steps, out)
+    total = time.perf_counter() - t
+    return {"step_times": [total / steps] * steps, "first_step_s": None, "e2e_s": total, "steps": steps}
+
+
+def _write_images(folder: Path, size: int, n: int = 4) -> Path:
+    """`n` PNGs (a disc on a plain ground) with caption files, once."""
+    from PIL import Image, ImageDraw
+
+    if folder.exists():
+        return folder
+    folder.mkdir(parents=True)
+    for i in range(n):
+        image = Image.new("RGB", (size, size), (0, 128, 128))
+        r = size // 4 + i
+        ImageDraw.Draw(image).ellipse((size // 2 - r, size // 2 - r, size // 2 + r, size // 2 + r), fill=(255, 140, 0))
+        image.save(folder / f"img-{i}.png")
+        (folder / f"img-{i}.txt").write_text(PROMPT)
+    return folder
+
+
+# ---- the re-created diffusers example ------------------------------------------------------------------
+
+
+class DreamBoothLoraFlux:
+    """The per-step work of diffusers' ``examples/dreambooth/train_dreambooth_lora_flux.py``, re-created.
+
+    Not the script itself (it is not installed and cannot be downloaded here): a faithful copy of what
+    its training loop does per step with its defaults (no ``--cache_latents``, per-image captions so
+    ``custom_instance_prompts`` is on, ``--weighting_scheme none``, ``--guidance_scale 3.5``,
+    ``--max_sequence_length 512``): encode the captions with CLIP and T5, encode the pixels with the
+    VAE (``latent_dist.sample()``), shift and scale, build the latent image ids, draw noise and
+    ``compute_density_for_timestep_sampling`` timesteps, look the sigmas up one by one in a scheduler
+    copy (``get_sigmas``), pack, run the transformer, unpack, weight the loss, backward, clip the
+    gradients of all transformer parameters, AdamW step, lr-scheduler step, zero the gradients.
+    LoRA on the same modules as difftune (the script's defaults name the same attention layers).
+    Images come as ready pixel tensors (the script's dataset prepares them once up front).
+    """
+
+    def __init__(self, cfg: Any, device: Any, weight_dtype: Any):
+        import copy
+
+        import torch
+        from accelerate import Accelerator
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+        from diffusers.optimization import get_scheduler
+        from peft import LoraConfig
+        from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+        from .families.flux import ATTENTION
+
+        path = cfg.model.path
+        self.device, self.weight_dtype, self.cfg = device, weight_dtype, cfg
+        self.accelerator = Accelerator(mixed_precision=cfg.train.precision)
+        self.tokenizer_one = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+        self.tokenizer_two = T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_2")
+        self.text_encoder_one = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
+        self.text_encoder_two = T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2")
+        self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
+        self.transformer = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer")
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
+        self.noise_scheduler_copy = copy.deepcopy(scheduler)
+        for m in (self.transformer, self.vae, self.text_encoder_one, self.text_encoder_two):
+            m.requires_grad_(False)
+        self.vae.to(device, dtype=torch.float32)  # the script keeps the VAE in fp32
+        for m in (self.transformer, self.text_encoder_one, self.text_encoder_two):
+            m.to(device, dtype=weight_dtype)
+        if cfg.train.gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        self.transformer.add_adapter(LoraConfig(r=cfg.method.rank, lora_alpha=cfg.method.rank,
+                                                init_lora_weights="gaussian", target_modules=ATTENTION))
+        lora_params = [p for p in self.transformer.parameters() if p.requires_grad]
+        for p in lora_params:
+            p.data = p.data.to(torch.float32)  # cast_training_params
+        self.n_trained = sum(p.numel() for p in lora_params)
+        t = cfg.train
+        optimizer = torch.optim.AdamW([{"params": lora_params, "lr": t.lr}], betas=(t.adam_beta1, t.adam_beta2),
+                                      weight_decay=t.weight_decay, eps=t.adam_epsilon)
+        self.lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
+                                          num_training_steps=max(t.steps, 1))
+        self.transformer, self.optimizer = self.accelerator.prepare(self.transformer, optimizer)
+        self.vae_shift = self.vae.config.shift_factor
+        self.vae_scale = self.vae.config.scaling_factor
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def encode_prompt(self, prompts: list[str]) -> tuple[Any, Any, Any]:
+        """The script's ``compute_text_embeddings``: CLIP pooled output, T5 hidden states, zero text ids."""
+        import torch
+
+        with torch.no_grad():
+            ids = self.tokenizer_one(prompts, padding="max_length", max_length=77, truncation=True,
+                                     return_overflowing_tokens=False, return_length=False, return_tensors="pt").input_ids
+            pooled = self.text_encoder_one(ids.to(self.device), output_hidden_states=False).pooler_output
+            pooled = pooled.to(dtype=self.text_encoder_one.dtype, device=self.device)
+            ids = self.tokenizer_two(prompts, padding="max_length", max_length=512, truncation=True,
+                                     return_length=False, return_overflowing_tokens=False, return_tensors="pt").input_ids
+            embeds = self.text_encoder_two(ids.to(self.device))[0].to(dtype=self.text_encoder_two.dtype, device=self.device)
+            text_ids = torch.zeros(embeds.shape[1], 3).to(device=self.device, dtype=self.text_encoder_one.dtype)
+        return embeds, pooled, text_ids
+
+    def get_sigmas(self, timesteps: Any, n_dim: int, dtype: Any) -> Any:
+        sigmas = self.noise_scheduler_copy.sigmas.to(device=self.device, dtype=dtype)
+        schedule_timesteps = self.noise_scheduler_copy.timesteps.to(self.device)
+        timesteps = timesteps.to(self.device)
+        step_indices = [(schedule_timesteps == t).nonzero().item() for t in timesteps]
+        sigma = sigmas[step_indices].flatten()
+        while len(sigma.shape) < n_dim:
+            sigma = sigma.unsqueeze(-1)
+        return sigma
+
+    def step(self, pixel_values: Any, prompts: list[str]) -> float:
+        import torch
+        from diffusers import FluxPipeline
+        from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+        accelerator, transformer = self.accelerator, self.transformer
+        o = self.cfg.objective
+        with accelerator.accumulate([transformer]):
+            prompt_embeds, pooled_prompt_embeds, text_ids = self.encode_prompt(prompts)
+            pixel_values = pixel_values.to(dtype=self.vae.dtype)
+            model_input = self.vae.encode(pixel_values).latent_dist.sample()
+            model_input = (model_input - self.vae_shift) * self.vae_scale
+            model_input = model_input.to(dtype=self.weight_dtype)
+            latent_image_ids = FluxPipeline._prepare_latent_image_ids(
+                model_input.shape[0], model_input.shape[2] // 2, model_input.shape[3] // 2, self.device, self.weight_dtype)
+            noise = torch.randn_like(model_input)
+            bsz = model_input.shape[0]
+            u = compute_density_for_timestep_sampling(weighting_scheme="none", batch_size=bsz, logit_mean=o.logit_mean,
+                                                      logit_std=o.logit_std, mode_scale=o.mode_scale)
+            indices = (u * self.noise_scheduler_copy.config.num_train_timesteps).long()
+            timesteps = self.noise_scheduler_copy.timesteps[indices].to(device=model_input.device)
+            sigmas = self.get_sigmas(timesteps, n_dim=model_input.ndim, dtype=model_input.dtype)
+            noisy_model_input = (1.0 - sigmas) * model_input + sigmas * noise
+            packed = FluxPipeline._pack_latents(noisy_model_input, batch_size=model_input.shape[0],
+                                                num_channels_latents=model_input.shape[1],
+                                                height=model_input.shape[2], width=model_input.shape[3])
+            if accelerator.unwrap_model(transformer).config.guidance_embeds:
+                guidance = torch.tensor([3.5], device=self.device).expand(model_input.shape[0])
+            else:
+                guidance = None
+            with accelerator.autocast():
+                model_pred = transformer(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance,
+                                         pooled_projections=pooled_prompt_embeds, encoder_hidden_states=prompt_embeds,
+                                         txt_ids=text_ids, img_ids=latent_image_ids, return_dict=False)[0]
+            model_pred = FluxPipeline._unpack_latents(model_pred, height=model_input.shape[2] * self.vae_scale_factor,
+                                                      width=model_input.shape[3] * self.vae_scale_factor,
+                                                      vae_scale_factor=self.vae_scale_factor)
+            weighting = compute_loss_weighting_for_sd3(weighting_scheme="none", sigmas=sigmas)
+            target = noise - model_input
+            loss = torch.mean(
+                (weighting.float() * (model_pred.float() - target.float()) ** 2).reshape(target.shape[0], -1), 1)
+            loss = loss.mean()
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and self.cfg.train.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(transformer.parameters(), self.cfg.train.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad()
+        return loss.detach().item()
+
+    @classmethod
+    def run(cls, cfg: Any, device: Any, weight_dtype: Any, data_dir: Path, steps: int, out: Path) -> None:
+        """A whole run as the script does it: load, prepare the images once, train, save the LoRA."""
+        import numpy as np
+        import torch
+        from diffusers import FluxPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+        from PIL import Image
+
+        baseline = cls(cfg, device, weight_dtype)
+        size = cfg.data.resolution
+        paths = sorted(data_dir.glob("*.png"))
+        pixels, prompts = [], []
+        for path in paths:  # DreamBoothDataset: resize, centre crop, to tensor, normalise, all up front
+            image = Image.open(path).convert("RGB").resize((size, size), Image.BILINEAR)
+            pixels.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))
+            prompts.append(path.with_suffix(".txt").read_text())
+        b = cfg.train.batch_size
+        for k in range(steps):
+            idx = [(k * b + i) % len(paths) for i in range(b)]
+            baseline.step(torch.stack([pixels[i] for i in idx]).to(device), [prompts[i] for i in idx])
+        transformer = baseline.accelerator.unwrap_model(baseline.transformer)
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(transformer))
+        FluxPipeline.save_lora_weights(str(out), transformer_lora_layers=layers)
+
+
+#: family -> the re-created diffusers example it is compared with (``--mode baseline``)
+BASELINES: dict[str, Any] = {"flux": DreamBoothLoraFlux}
