@@ -105,3 +105,10 @@ def test_reference_lists_every_key():
     for key in ["`model.path`", "`method.rank`", "`data.concepts[].caption_template`", "`train.grad_accum`",
                 "`checkpoint.resume`", "`validation.prompts`", "`output_dir`"]:
         assert key in text
+
+
+def test_readme_config_reference_is_current():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    start = readme.index("<!-- config reference:")
+    body = readme[readme.index("\n", start) + 1 : readme.index("<!-- end config reference -->")]
+    assert body.strip() == reference_markdown().strip(), "run `difftune config reference` and paste it into README.md"

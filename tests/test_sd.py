@@ -260,3 +260,10 @@ def test_contract_config_through_the_cli(tmp_path, foreign_sd, kind):
     a = np.asarray(Image.open(tmp_path / "gen" / "000-seed0.png"), dtype=np.float32)
     b = np.asarray(Image.open(tmp_path / "base" / "000-seed0.png"), dtype=np.float32)
     assert base.returncode == 0 and np.abs(a - b).max() > 0, "the trained weights did not change the image"
+
+
+def test_report_summarises_the_run(lora_run):
+    out, _ = lora_run
+    text = (out / "report.md").read_text()
+    assert "method: lora, rank 4" in text and "4 steps" in text
+    assert f"--lora {out}" in text and "trainable parameters" in text

@@ -243,7 +243,7 @@ def _hints(cls) -> dict[str, Any]:
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
+        return " / ".join(repr(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
     if origin is list:
@@ -508,6 +508,8 @@ def reference_markdown() -> str:
                 default = f.default
             else:
                 default = f.default_factory()  # type: ignore[misc]
+            if isinstance(default, bool):
+                default = str(default).lower()  # as written in YAML
             shown = "" if default in ("", None, []) else f"`{default}`"
             rows.append(f"| `{key}` | {_type_name(tp)} | {shown} | {f.metadata.get('doc', '')} |")
         if rows:

@@ -370,8 +370,14 @@ def train(cfg: Config, log=print) -> Path:
     if cfg.validation.prompts:
         _samples(family, cfg, step, accelerator, prompt_features)
     accelerator.end_training()
-    if main and step > start:
-        say(f"trained steps {start + 1}-{step} in {elapsed:.1f}s ({elapsed / (step - start):.3f} s/step); outputs in {out}")
+    if main:
+        from .report import write_report
+
+        facts = {"family": family.name, "images": len(items), "trainable_parameters": n_trainable}
+        if step > start:
+            facts.update(total_seconds=elapsed, seconds_per_step=elapsed / (step - start))
+            say(f"trained steps {start + 1}-{step} in {elapsed:.1f}s ({elapsed / (step - start):.3f} s/step)")
+        say(f"outputs in {out}; summary in {write_report(out, facts)}")
     return out
 
 

@@ -1,0 +1,59 @@
+"""`OUTPUT_DIR/report.md`: what a finished run did and how to use what it made.
+
+Written at the end of `difftune train` from files the run already wrote (config, loss log, samples),
+so it can also be rebuilt for any output folder with `write_report(output_dir)`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _loss_summary(losses: list[dict]) -> str:
+    if not losses:
+        return "no steps were logged"
+    values = [r["loss"] for r in losses]
+    window = max(1, len(values) // 10)
+    first = sum(values[:window]) / window
+    last = sum(values[-window:]) / window
+    return (f"{len(values)} steps; mean loss {first:.4f} over the first {window} step(s), "
+            f"{last:.4f} over the last {window} (change {100 * (last - first) / first:+.1f}%)")
+
+
+def write_report(output_dir: str | Path, facts: dict | None = None) -> Path:
+    """Write ``report.md`` in `output_dir`; `facts` adds figures only the run knew (timings, counts)."""
+    import yaml
+
+    out = Path(output_dir)
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    losses_path = out / "logs" / "loss.jsonl"
+    losses = [json.loads(line) for line in losses_path.read_text().splitlines() if line.strip()] if losses_path.exists() else []
+    facts = facts or {}
+    model, method = cfg["model"], cfg["method"]
+    lines = [f"# difftune run: {out.name}", ""]
+    lines += [f"- model: `{model['path']}` (family `{facts.get('family', model['family'])}`)",
+              f"- method: {method['kind']}" + (f", rank {method['rank']}, alpha {method['alpha'] or method['rank']}"
+                                                 if method["kind"] == "lora" else ""),
+              f"- training: {_loss_summary(losses)}"]
+    for key, label in (("images", "training images"), ("trainable_parameters", "trainable parameters"),
+                       ("seconds_per_step", "seconds per step"), ("total_seconds", "training time (s)")):
+        if key in facts:
+            value = facts[key]
+            lines.append(f"- {label}: {value:,}" if isinstance(value, int) else f"- {label}: {value:.3f}")
+    lines += ["", "## Use it", ""]
+    if (out / "pytorch_lora_weights.safetensors").exists():
+        lines += ["```bash", f"difftune generate --model {model['path']} --lora {out} --prompt \"...\" --out out/",
+                  "```", "", "In Python: `pipe.load_lora_weights(\"" + str(out) + "\")` on the base pipeline."]
+    else:
+        lines += ["```bash", f"difftune generate --model {out} --prompt \"...\" --out out/", "```", "",
+                  "In Python: `DiffusionPipeline.from_pretrained(\"" + str(out) + "\")`."]
+    samples = sorted((out / "samples").glob("step-*/*.png")) if (out / "samples").exists() else []
+    if samples:
+        lines += ["", "## Samples", ""]
+        for path in samples:
+            lines.append(f"![{path.parent.name}/{path.name}]({path.relative_to(out).as_posix()})")
+    lines += ["", "Logs: `tensorboard --logdir " + str(out / "logs") + "`; per-step numbers in `logs/loss.jsonl`.", ""]
+    report = out / "report.md"
+    report.write_text("\n".join(lines), encoding="utf-8")
+    return report
