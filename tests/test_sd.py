@@ -267,3 +267,26 @@ def test_report_summarises_the_run(lora_run):
     text = (out / "report.md").read_text()
     assert "method: lora, rank 4" in text and "4 steps" in text
     assert f"--lora {out}" in text and "trainable parameters" in text
+
+
+@pytest.mark.parametrize("schedule", ["constant_with_warmup", "cosine", "linear"])
+def test_lr_schedules_gradient_checkpointing_and_tensorboard(tmp_path, tiny_sd, schedule):
+    data = make_images(tmp_path / "data", n=2, caption=PROMPT)
+    out = train(load_config(None, base_overrides(tiny_sd, data, tmp_path / "out", steps=6, **{
+        "train.lr_scheduler": schedule, "train.lr_warmup_steps": 2, "train.gradient_checkpointing": True,
+        "train.log_every": 1})), log=quiet)
+    lrs = [r["lr"] for r in read_losses(out)]
+    peak = 1e-3
+    # the lr each step used: warm-up from 0 over 2 steps, then the schedule (decaying ones reach 0 after the last)
+    assert lrs[:3] == pytest.approx([0.0, peak / 2, peak])
+    if schedule == "constant_with_warmup":
+        assert lrs[2:] == pytest.approx([peak] * 4)
+    else:
+        assert all(a > b for a, b in zip(lrs[2:], lrs[3:])) and 0 < lrs[-1] < peak / 2
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = (out / "logs" / "difftune").glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    assert {"loss", "lr", "grad_norm"} <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4, 5, 6]

@@ -324,11 +324,12 @@ def train(cfg: Config, log=print) -> Path:
                         "lower train.lr, use train.precision=bf16 instead of fp16, or check the images named above"
                     )
             optimizer.zero_grad(set_to_none=True)
+            lr_used = lr_scheduler.get_last_lr()[0]
             lr_scheduler.step()
             step += 1
 
             loss_value = float(torch.stack(losses).mean())
-            record = {"step": step, "loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}
+            record = {"step": step, "loss": loss_value, "lr": lr_used}
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
             if main:
