@@ -109,7 +109,6 @@ class DataConfig:
     )
     cache: bool = _f(True, "Cache VAE latents and text embeddings on disk (when their encoders are frozen).")
     cache_dir: Optional[str] = _f(None, "Where caches live; default `OUTPUT_DIR/cache`.")
-    workers: int = _f(0, "Data-loading worker processes (0 = load in the training process).")
 
 
 @dataclass
