@@ -352,7 +352,7 @@ def train(cfg: Config, log=print) -> Path:
                     f"{out / 'checkpoints'}. Run the same command again to continue."
                 )
             if cfg.validation.prompts and cfg.validation.every and step % cfg.validation.every == 0 and step < cfg.train.steps:
-                _samples(family, cfg, step, accelerator, prompt_features)
+                _samples(family, cfg, step, accelerator)
     progress.close()
 
     # ---- outputs ----------------------------------------------------------------------------------
@@ -369,7 +369,7 @@ def train(cfg: Config, log=print) -> Path:
         else:
             family.save_full(out)
     if cfg.validation.prompts:
-        _samples(family, cfg, step, accelerator, prompt_features)
+        _samples(family, cfg, step, accelerator)
     accelerator.end_training()
     if main:
         from .report import write_report
@@ -441,7 +441,7 @@ def _trainable_tensors(family, part_names, cfg: Config) -> dict:
     tensors = {}
     for name in part_names:
         module = family.parts[name]
-        state = lora.peft_state_dict(module) if cfg.method.kind == "lora" else unwrap(module).state_dict()
+        state = lora.lora_state_dict(module) if cfg.method.kind == "lora" else unwrap(module).state_dict()
         tensors.update({f"{name}.{k}": v for k, v in state.items()})
     return tensors
 
@@ -492,7 +492,7 @@ def _restore(family, part_names, cfg, resumed, optimizer, lr_scheduler, accelera
             raise CheckpointError(f"checkpoint has no weights for {name}")
         module = unwrap(family.parts[name])
         if cfg.method.kind == "lora":
-            lora.set_peft_state_dict(module, state, "checkpoint")
+            lora.set_lora_state_dict(module, state, "checkpoint")
         else:
             missing, unexpected = module.load_state_dict(state, strict=False)
             if missing or unexpected:
@@ -507,7 +507,7 @@ def _restore(family, part_names, cfg, resumed, optimizer, lr_scheduler, accelera
     _set_rng_state(resumed["rng"], resumed["state"]["rng"])
 
 
-def _samples(family, cfg, step, accelerator, prompt_features) -> None:
+def _samples(family, cfg, step, accelerator) -> None:
     """Validation images for `cfg.validation.prompts` into ``samples/step-N/``."""
     import torch
 
@@ -540,8 +540,8 @@ def _samples(family, cfg, step, accelerator, prompt_features) -> None:
     finally:
         for m in trained:
             m.train()
-        if not cfg.method.train_text_encoder and family.device.type != "cpu":
-            family.text_encoders_to("cpu")
+        if not cfg.method.train_text_encoder:
+            family.after_prompt_cache()  # the text encoders leave again, as after caching
     _progress_write(f"samples for step {step} in {folder}")
 
 

@@ -63,19 +63,14 @@ def lora_state_dict(module: Any) -> dict:
 
     Not diffusers' older ``.lora.down`` naming: `convert_state_dict_to_diffusers` renames only some
     layer types, and a file mixing both namings loses adapters silently when loaded (the loader
-    decides from the first key).
+    decides from the first key). Checkpoints store the same dict; `set_lora_state_dict` restores it.
     """
-    return peft_state_dict(module)
-
-
-def peft_state_dict(module: Any) -> dict:
-    """The adapter weights in peft naming (for checkpoints, restored with `set_peft_state_dict`)."""
     from peft.utils import get_peft_model_state_dict
 
     return get_peft_model_state_dict(unwrap(module), adapter_name=ADAPTER)
 
 
-def set_peft_state_dict(module: Any, state: dict, where: str) -> None:
+def set_lora_state_dict(module: Any, state: dict, where: str) -> None:
     """Load peft-named adapter weights into `module`; every key must land (no silent second adapter)."""
     from peft.utils import set_peft_model_state_dict
 
@@ -118,7 +113,7 @@ def init_from_lora(family: Any, path: str, parts: list[str]) -> None:
                                 f"{sorted({k.split('.')[0] for k in weights})})")
         sub = convert_unet_state_dict_to_peft(sub)
         model = unwrap(family.parts[part])
-        expected = peft_state_dict(model)
+        expected = lora_state_dict(model)
         missing = sorted(set(expected) - set(sub))
         extra = sorted(set(sub) - set(expected))
         if missing or extra:
@@ -132,4 +127,4 @@ def init_from_lora(family: Any, path: str, parts: list[str]) -> None:
                     f"method.init_lora: {key} has shape {tuple(tensor.shape)} but this config makes "
                     f"{tuple(expected[key].shape)} (check method.rank)"
                 )
-        set_peft_state_dict(model, {k: v.to(torch.float32) for k, v in sub.items()}, f"method.init_lora {file}")
+        set_lora_state_dict(model, {k: v.to(torch.float32) for k, v in sub.items()}, f"method.init_lora {file}")

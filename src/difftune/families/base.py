@@ -75,6 +75,34 @@ def read_part_config(path: str, part: str, name: str = "config.json", revision: 
         return {}
 
 
+def load_part(path: str, name: str, spec: list, dtype: Any = None, revision: str | None = None,
+              variant: str | None = None) -> Any:
+    """One component of a pipeline folder or hub id, as ``model_index.json`` names it (``spec`` =
+    [library, class]). Modules come frozen, in eval mode and in `dtype`; a failure is one clear line."""
+    import torch
+
+    library, class_name = spec
+    cls = getattr(importlib.import_module(library), class_name)
+    kwargs: dict[str, Any] = {"subfolder": name, "revision": revision}
+    if issubclass(cls, torch.nn.Module):
+        kwargs["dtype"] = dtype
+        if variant:
+            kwargs["variant"] = variant
+    try:
+        part = cls.from_pretrained(path, **kwargs)
+    except Exception as e:
+        raise DifftuneError(f"cannot load {name} ({class_name}) from {path}: {type(e).__name__}: {e}") from None
+    if isinstance(part, torch.nn.Module):
+        part.requires_grad_(False)
+        part.eval()
+    return part
+
+
+def pipeline_parts(index: dict) -> dict[str, list]:
+    """The component entries of a ``model_index.json`` (name -> [library, class]), absent ones left out."""
+    return {k: v for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None}
+
+
 class Family:
     """Base class of model families. Subclasses set the class attributes and the encode/predict maths."""
 
@@ -131,25 +159,12 @@ class Family:
         import torch
 
         m = self.cfg.model
-        index = self.index = read_model_index(m.path, m.revision)
+        self.index = read_model_index(m.path, m.revision)
         full = set(self.trainable_part_names()) if self.cfg.method.kind == "full" else set()
-        for name, spec in index.items():
-            if name.startswith("_") or not isinstance(spec, (list, tuple)) or spec[0] is None:
-                continue
-            library, class_name = spec
-            cls = getattr(importlib.import_module(library), class_name)
-            kwargs: dict[str, Any] = {"subfolder": name, "revision": m.revision}
-            if hasattr(cls, "parameters") or issubclass(cls, torch.nn.Module):
-                kwargs["dtype"] = torch.float32 if name in full else self.weight_dtype
-                if m.variant:
-                    kwargs["variant"] = m.variant
-            try:
-                part = cls.from_pretrained(m.path, **kwargs)
-            except Exception as e:
-                raise DifftuneError(f"cannot load {name} ({class_name}) from {m.path}: {type(e).__name__}: {e}") from None
+        for name, spec in pipeline_parts(self.index).items():
+            dtype = torch.float32 if name in full else self.weight_dtype
+            part = load_part(m.path, name, spec, dtype, m.revision, m.variant)
             if isinstance(part, torch.nn.Module):
-                part.requires_grad_(False)
-                part.eval()
                 part.to(self.device)
             self.parts[name] = part
         missing = [p for p in [self.denoiser, *self.text_encoders] if p not in self.parts]
@@ -214,7 +229,7 @@ class Family:
     def save_lora(self, out_dir: Path, states: dict[str, dict], metadata: dict[str, dict]) -> None:
         """Write ``pytorch_lora_weights.safetensors`` the way the pipeline's ``load_lora_weights`` reads it.
 
-        ``states``: part name -> LoRA state dict in diffusers naming; ``metadata``: part name -> the
+        ``states``: part name -> LoRA state dict (peft naming); ``metadata``: part name -> the
         peft LoraConfig as a dict (rank, alpha, targets), stored in the file's header.
         """
         import diffusers
@@ -265,21 +280,27 @@ class Family:
     def save_full(self, out_dir: Path) -> None:
         """Write a complete pipeline folder with the trained parts (``from_pretrained(out_dir)`` loads it).
 
-        Trained parts are written from their fp32 weights; frozen parts are copied byte for byte from
-        the base model where its files are at hand, so a bf16 run does not degrade the VAE or text
-        encoders it never trained.
+        Trained parts are written from their fp32 weights; everything else (frozen models,
+        tokenizers, scheduler, ``model_index.json``) is copied byte for byte from the base model, so a
+        bf16 run does not degrade the VAE or text encoders it never trained, and parts released
+        from memory during training (FLUX's T5) need no reloading.
         """
         import shutil
 
-        self.build_pipeline().save_pretrained(str(out_dir), safe_serialization=True)
         source = self.source_dir()
+        if source is None:
+            raise DifftuneError(f"cannot find the files of {self.cfg.model.path} to complete the pipeline folder")
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
         trained = set(self.trainable_part_names())
-        for name, part in self.parts.items():
-            if source is None or name in trained or not (source / name).is_dir():
-                continue
-            if hasattr(part, "parameters"):
-                shutil.rmtree(Path(out_dir) / name, ignore_errors=True)
-                shutil.copytree(source / name, Path(out_dir) / name)
+        for name in pipeline_parts(self.index):
+            target = out / name
+            shutil.rmtree(target, ignore_errors=True)
+            if name in trained:
+                unwrap(self.parts[name]).save_pretrained(str(target), safe_serialization=True)
+            else:
+                shutil.copytree(source / name, target)
+        shutil.copy2(source / "model_index.json", out / "model_index.json")
 
     @classmethod
     def load_pipeline(cls, path: str, device: Any, dtype: Any, extra: dict | None = None) -> Any:

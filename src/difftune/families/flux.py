@@ -219,23 +219,6 @@ class Flux(Family):
         _SAMPLING[pipe] = _SamplingPrompts(self.max_sequence_length, dict(self._cached))
         return pipe
 
-    def save_full(self, out_dir) -> None:
-        if self.parts.get(T5) is None:  # released for training; a pipeline folder needs it again
-            self.parts[T5] = self._load_frozen(T5)
-        super().save_full(out_dir)
-
-    def _load_frozen(self, name: str) -> Any:
-        """Load one frozen part again as `load` did (weight dtype), on the CPU."""
-        import importlib
-
-        m = self.cfg.model
-        library, class_name = self.index[name]
-        kwargs: dict[str, Any] = {"subfolder": name, "revision": m.revision, "torch_dtype": self.weight_dtype}
-        if m.variant:
-            kwargs["variant"] = m.variant
-        part = getattr(importlib.import_module(library), class_name).from_pretrained(m.path, **kwargs)
-        return part.requires_grad_(False).eval()
-
     @classmethod
     def sample(cls, pipe, prompt, *, steps, guidance, width, height, generator, num=1):
         """Images for one prompt; width/height None = the pipeline's default size. A pipeline from

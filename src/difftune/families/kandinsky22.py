@@ -30,7 +30,6 @@ and ``pipe.prior.load_lora_adapter(...)`` load them.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from pathlib import Path
@@ -38,7 +37,7 @@ from typing import Any
 
 from .. import DifftuneError
 from ..objectives.ddpm import DDPMObjective
-from .base import Family, read_model_index
+from .base import Family, load_part, read_model_index
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 #: the decoder's SimpleCrossAttn blocks project the image-embedding tokens with their own key/value layers
@@ -90,25 +89,6 @@ def _expect_pipeline(path: str, class_name: str, what: str) -> dict:
     if found != class_name:
         raise DifftuneError(f"{what} {path}: expected a {class_name} folder, found {found!r}")
     return index
-
-
-def _load_component(path: str, name: str, spec: list, dtype: Any) -> Any:
-    """One component of a pipeline folder (as `model_index.json` names it), frozen, in `dtype`."""
-    import torch
-
-    library, class_name = spec
-    cls = getattr(importlib.import_module(library), class_name)
-    kwargs: dict[str, Any] = {"subfolder": name}
-    if issubclass(cls, torch.nn.Module):
-        kwargs["dtype"] = dtype
-    try:
-        part = cls.from_pretrained(path, **kwargs)
-    except Exception as e:
-        raise DifftuneError(f"cannot load {name} ({class_name}) from {path}: {type(e).__name__}: {e}") from None
-    if isinstance(part, torch.nn.Module):
-        part.requires_grad_(False)
-        part.eval()
-    return part
 
 
 def _load_pipeline(class_name: str, path: str, dtype: Any, what: str, **components: Any) -> Any:
@@ -285,9 +265,9 @@ class KandinskyDecoder(_Kandinsky):
     def after_load(self) -> None:
         prior = self.cfg.model.prior
         index = read_model_index(prior)
-        encoder = _load_component(prior, "image_encoder", index["image_encoder"], self.weight_dtype)
+        encoder = load_part(prior, "image_encoder", index["image_encoder"], self.weight_dtype)
         self.parts["image_encoder"] = encoder.to(self.device)
-        self.parts["image_processor"] = _load_component(prior, "image_processor", index["image_processor"], None)
+        self.parts["image_processor"] = load_part(prior, "image_processor", index["image_processor"], None)
 
     def clip_sources(self) -> tuple[str, list[str]]:
         return self.cfg.model.prior, ["image_encoder", "image_processor"]
