@@ -29,6 +29,13 @@ def tiny_sd(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory) -> Path:
+    from difftune.tiny import make_tiny
+
+    return make_tiny("flux", tmp_path_factory.mktemp("tiny") / "flux")
+
+
+@pytest.fixture(scope="session")
 def foreign_sd(tmp_path_factory) -> Path:
     from foreign import make_foreign_sd
 

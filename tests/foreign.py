@@ -33,18 +33,23 @@ def char_clip_tokenizer(folder: Path):
     return CLIPTokenizer.from_pretrained(str(folder))
 
 
+def clip_text_encoder(tokenizer, hidden_size: int):
+    """A one-layer random CLIP text encoder sized for `tokenizer`."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+
+
 def make_foreign_sd(out: Path, prediction_type: str = "epsilon") -> Path:
     """A tiny SD 1.x-layout pipeline: VAE factor 8, 24-wide text encoder, DDPM scheduler."""
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     torch.manual_seed(1234)
     tokenizer = char_clip_tokenizer(out / "_tok")
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    ))
+    text_encoder = clip_text_encoder(tokenizer, 24)
     vae = AutoencoderKL(
         block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8, layers_per_block=1,

@@ -36,13 +36,6 @@ CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 DOUBLE_ATTENTION = r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
 
 
-@pytest.fixture(scope="module")
-def tiny_flux(tmp_path_factory) -> Path:
-    from difftune.tiny import make_tiny
-
-    return make_tiny("flux", tmp_path_factory.mktemp("tiny") / "flux")
-
-
 def add_random_lora(module, targets, rank, alpha, seed):
     """A LoRA with random A and B (a trained LoRA, not the zero-B start) via peft, as diffusers does."""
     from peft import LoraConfig

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import base_overrides, make_images
-from foreign import char_clip_tokenizer
+from foreign import char_clip_tokenizer, clip_text_encoder
 
 from difftune import DifftuneError
 from difftune.config import load_config, validate
@@ -26,13 +26,6 @@ from difftune.train import read_losses, train
 PROMPT = "a photo of sks disc"
 SEQ = 16  # T5 tokens in tests (FLUX.1-dev: 512)
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def tiny_flux(tmp_path_factory) -> Path:
-    from difftune.tiny import make_tiny
-
-    return make_tiny("flux", tmp_path_factory.mktemp("tiny") / "flux")
 
 
 @pytest.fixture(scope="module")
@@ -511,15 +504,11 @@ def make_foreign_flux(out: Path) -> Path:
     """VAE factor 8, 3 heads of 8 dims, 2 double + 1 single blocks, 24-wide T5, 16-wide CLIP,
     guidance embedding, FLUX.1-dev's scheduler settings."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(4321)
     tokenizer = char_clip_tokenizer(out / "_tok")
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    ))
+    text_encoder = clip_text_encoder(tokenizer, 16)
     tokenizer_2 = unigram_t5_tokenizer()
     text_encoder_2 = T5EncoderModel(T5Config(
         vocab_size=len(tokenizer_2), d_model=24, d_kv=8, d_ff=48, num_layers=1, num_heads=3,

@@ -92,13 +92,6 @@ def _loss_and_grads(model, kwargs):
     return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
 
-@pytest.fixture(scope="module")
-def tiny_flux(tmp_path_factory):
-    from difftune.tiny import make_tiny
-
-    return make_tiny("flux", tmp_path_factory.mktemp("tiny") / "flux")
-
-
 def _flux_transformer(tiny_flux):
     from diffusers import FluxTransformer2DModel
 
@@ -133,11 +126,15 @@ def test_compile_same_loss_and_gradients_flux(tiny_flux, mode):
 def test_math_attention_backend_same_as_native_sdpa_flux(tiny_flux):
     model = _flux_transformer(tiny_flux)
     reference = copy.deepcopy(model)
-    set_attention_backend(model, "_native_math")
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    active = _AttentionBackendRegistry._active_backend  # process-wide: set by set_attention_backend,
+    set_attention_backend(model, "_native_math")     # and not restored by reset_attention_backend
     try:
         loss, grads = _loss_and_grads(model, _flux_inputs())
     finally:
-        model.reset_attention_backend()  # the dispatcher's active backend is process-wide
+        model.reset_attention_backend()
+        _AttentionBackendRegistry.set_active_backend(active)
     ref_loss, ref_grads = _loss_and_grads(reference, _flux_inputs())
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-7)
     for g, r in zip(grads, ref_grads, strict=True):
