@@ -24,6 +24,7 @@ Conventions:
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,8 +67,10 @@ def unpack(tokens: Any, h: int, w: int) -> Any:
     return FluxPipeline._unpack_latents(tokens, h, w, 1)
 
 
+@functools.lru_cache(maxsize=32)
 def image_ids(h: int, w: int, device: Any, dtype: Any) -> Any:
-    """Position ids ``[(h/2) * (w/2), 3]`` of the packed tokens of ``h x w`` latents."""
+    """Position ids ``[(h/2) * (w/2), 3]`` of the packed tokens of ``h x w`` latents; built once per
+    size and device (the transformer only reads them), not at every step."""
     from diffusers import FluxPipeline
 
     return FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, device, dtype)  # one set for the batch
