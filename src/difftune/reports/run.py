@@ -38,10 +38,11 @@ class Run:
     facts: dict
     samples: list[Sample] = field(default_factory=list)
     scores: dict | None = None
+    label: str | None = None
 
     @property
     def name(self) -> str:
-        return self.folder.name
+        return self.label or self.folder.name
 
     @property
     def steps_done(self) -> int:

@@ -225,3 +225,22 @@ def write_run_report(folder: str | Path) -> Path:
     tmp.write_text(render_run(run), encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+EXAMPLES = """examples:
+  difftune report runs/dog-lora                 # rewrite runs/dog-lora/report.html from its files
+  difftune report runs/sweep/*/                 # several at once
+
+Training writes report.html itself (at every checkpoint and at the end); this rebuilds it, e.g. after
+`difftune eval` added eval.json or for a run copied from another machine.
+"""
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders")
+
+
+def run(args) -> int:
+    for folder in args.runs:
+        print(f"{write_run_report(folder)}")
+    return 0
