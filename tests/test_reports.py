@@ -285,3 +285,18 @@ def test_report_to_tensorboard_and_wandb_offline(tmp_path, tiny_sd, data, monkey
         assert b"val_loss" in logged and json.dumps(row["val_loss"]).encode() in logged
     for row in logs.read_jsonl(out / logs.LOSS):
         assert json.dumps(row["loss"]).encode() in logged and json.dumps(row["grad_norm"]).encode() in logged
+
+
+def test_shipped_sweep_configs_plan(tmp_path, capsys):
+    """configs/sweeps/*.yaml: valid configs whose documented grids plan (model and data pointed at stand-ins)."""
+    shipped = sorted((ROOT / "configs" / "sweeps").glob("*.yaml"))
+    assert shipped
+    data = make_images(tmp_path / "data", n=8)
+    for path in shipped:
+        text = path.read_text()
+        assert "difftune sweep" in text and "difftune compare" in text, f"{path.name} says how to run it"
+        assert main(["sweep", str(path), f"data.concepts.0.dir={data}", "--grid", "method.rank=4,16", "--grid",
+                     "train.lr=1e-4,5e-4", "--out", str(tmp_path / "lora"), "--dry-run"]) == 0
+        assert main(["sweep", str(path), f"data.concepts.0.dir={data}", "method.kind=full", "--grid",
+                     "train.lr=1e-5,5e-5", "--out", str(tmp_path / "full"), "--dry-run"]) == 0
+        assert len(capsys.readouterr().out.splitlines()) == (1 + 4) + (1 + 2)
