@@ -108,7 +108,10 @@ def markdown_block(text: str) -> str:
             code.append(line)
         elif not line.strip():
             flush()
+        elif line.lstrip().startswith(("- ", "* ")):  # a list item: a paragraph of its own
+            flush()
+            para.append(line.lstrip()[2:].strip())
         else:
-            para.append(line.lstrip("-* ").strip() if line.lstrip().startswith(("- ", "* ")) else line.strip())
+            para.append(line.strip())
     flush()
     return "\n".join(out)
