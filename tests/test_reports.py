@@ -300,3 +300,12 @@ def test_shipped_sweep_configs_plan(tmp_path, capsys):
         assert main(["sweep", str(path), f"data.concepts.0.dir={data}", "method.kind=full", "--grid",
                      "train.lr=1e-5,5e-5", "--out", str(tmp_path / "full"), "--dry-run"]) == 0
         assert len(capsys.readouterr().out.splitlines()) == (1 + 4) + (1 + 2)
+
+
+def test_holdout_takes_its_share_of_every_concept():
+    items = [Item(f"/a/{i}.png", None, 0) for i in range(10)] + [Item(f"/b/{i}.png", None, 1) for i in range(4)]
+    kept, held = split_holdout(items, 0.25, seed=0)
+    assert sorted(i.concept for i in held) == [0, 0, 1]  # round(2.5) = 2 of ten, one of four
+    assert {i.concept for i in kept} == {0, 1}
+    _, held = split_holdout(items[:3], 0.1, seed=0)
+    assert len(held) == 1, "at least one image is held out"

@@ -21,13 +21,22 @@ from .data.dataset import Item, TrainingData, build_items, prompt_for
 
 
 def split_holdout(items: list[Item], fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
-    """(training items, held-out items): ``round(fraction * n)`` items (at least one), picked by `seed`."""
+    """(training items, held-out items): ``round(fraction * n)`` of each concept's n images (never all
+    of them; at least one image in all), picked by `seed`, so every concept is trained and scored."""
     if fraction <= 0:
         return items, []
     if len(items) < 2:
         raise DifftuneError(f"validation.holdout needs at least 2 training images, found {len(items)}")
-    n = min(len(items) - 1, max(1, round(fraction * len(items))))
-    held = set(random.Random(f"{seed}:holdout").sample(range(len(items)), n))
+    rng = random.Random(f"{seed}:holdout")
+    by_concept: dict[int, list[int]] = {}
+    for i, item in enumerate(items):
+        by_concept.setdefault(item.concept, []).append(i)
+    held: set[int] = set()
+    for members in by_concept.values():
+        held.update(rng.sample(members, min(len(members) - 1, round(fraction * len(members)))))
+    if not held:  # every concept too small for its share: one image of the largest
+        largest = max(by_concept.values(), key=len)
+        held.add(rng.choice(largest))
     return [it for i, it in enumerate(items) if i not in held], [it for i, it in enumerate(items) if i in held]
 
 

@@ -54,7 +54,8 @@ class Run:
 
     @property
     def finished(self) -> bool:
-        return (self.folder / "pytorch_lora_weights.safetensors").exists() or (self.folder / "model_index.json").exists()
+        """Final weights written for every planned step (a rerun with more steps is not finished)."""
+        return has_weights(self.folder) and self.steps_done >= self.steps_planned
 
     @property
     def family(self) -> str:
@@ -71,6 +72,11 @@ class Run:
             if s.step == step and s.prompt == prompt and s.index == index:
                 return s
         return None
+
+
+def has_weights(folder: Path) -> bool:
+    """Whether a run folder holds final weights (a LoRA file, or a full pipeline)."""
+    return (folder / "pytorch_lora_weights.safetensors").exists() or (folder / "model_index.json").exists()
 
 
 def _samples(folder: Path, prompts: list[str]) -> list[Sample]:

@@ -53,8 +53,13 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _finished(run_dir: Path) -> bool:
-    return (run_dir / "pytorch_lora_weights.safetensors").exists() or (run_dir / "model_index.json").exists()
+def _finished(run_dir: Path, steps: int) -> bool:
+    from ..reports.run import NotARun, has_weights, load_run
+
+    try:
+        return has_weights(run_dir) and load_run(run_dir).steps_done >= steps
+    except NotARun:
+        return False
 
 
 def _train(config: Path, overrides: list[str]) -> int:
@@ -94,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for r in runs:
         row = r.as_dict(root)
-        row["status"] = "done" if _finished(root / r.name) else ("interrupted" if (root / r.name).exists() else "pending")
+        row["status"] = "done" if _finished(root / r.name, r.steps) else ("interrupted" if (root / r.name).exists() else "pending")
         if previous.get(r.name, {}).get("status") == "failed" and row["status"] != "done":
             row["status"] = "failed"
         rows.append(row)

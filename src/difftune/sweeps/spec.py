@@ -25,6 +25,7 @@ class Axis:
 class PlannedRun:
     name: str
     overrides: list[str]  # the grid's `key=value` pairs for this run (after the sweep's own overrides)
+    steps: int  # train.steps of this run: it is finished once its weights stand for that many
 
     def as_dict(self, root: Path) -> dict:
         return {"name": self.name, "dir": str(root / self.name), "overrides": self.overrides}
@@ -88,7 +89,7 @@ def plan(config: str | Path, overrides: list[str], axes: list[Axis], zipped: boo
             validate(cfg)
         except ConfigError as e:
             raise DifftuneError(f"run {name} ({', '.join(grid)}): {e}") from None
-        runs.append(PlannedRun(name, grid))
+        runs.append(PlannedRun(name, grid, cfg.train.steps))
     if len({r.name for r in runs}) != len(runs):
         raise DifftuneError("two runs of the sweep would share a folder: give each --grid value a distinct spelling")
     return runs
