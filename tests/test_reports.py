@@ -309,3 +309,16 @@ def test_holdout_takes_its_share_of_every_concept():
     assert {i.concept for i in kept} == {0, 1}
     _, held = split_holdout(items[:3], 0.1, seed=0)
     assert len(held) == 1, "at least one image is held out"
+
+
+def test_a_report_that_cannot_be_drawn_does_not_stop_training(tmp_path, tiny_sd, data, monkeypatch):
+    import difftune.reports.run_page as run_page
+
+    def broken(run):
+        raise ValueError("no fonts")
+
+    monkeypatch.setattr(run_page, "render_run", broken)
+    lines = []
+    out = train(load_config(None, base_overrides(tiny_sd, data, tmp_path / "run", steps=1)), log=lines.append)
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    assert "warning: report.html not written (ValueError: no fonts)" in lines

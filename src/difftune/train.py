@@ -26,7 +26,7 @@ from .config import Config, config_from_dict, to_dict, validate
 from .data.dataset import prompt_for
 from .methods import get_method
 from .reports import logs
-from .reports.run_page import write_run_facts, write_run_report
+from .reports.run_page import refresh_run_report, write_run_facts
 from .validation import ValidationLoss, validation_items
 
 #: exit code of a run stopped by SIGTERM / SIGINT after saving a checkpoint ("try again later")
@@ -366,7 +366,7 @@ def train(cfg: Config, log=print) -> Path:
                 _save(family, method, part_names, cfg, step, data, optimizer, lr_scheduler, accelerator)
                 if main:
                     sessions.progress(step)
-                    write_run_report(out)  # a half-done run has a current report too
+                    refresh_run_report(out, _progress_write)  # a half-done run has a current report too
             if stopping and step < cfg.train.steps:
                 progress.close()
                 raise Interrupted(
@@ -398,7 +398,8 @@ def train(cfg: Config, log=print) -> Path:
         if step > start:
             facts.update(total_seconds=elapsed, seconds_per_step=elapsed / (step - start))
             say(f"trained steps {start + 1}-{step} in {elapsed:.1f}s ({elapsed / (step - start):.3f} s/step)")
-        say(f"outputs in {out}; summary in {write_report(out, facts)} and {write_run_report(out)}")
+        say(f"outputs in {out}; summary in {write_report(out, facts)}")
+        say(f"report: {refresh_run_report(out, say)}")
     return out
 
 

@@ -129,7 +129,10 @@ def load_run(folder: str | Path) -> Run:
         except json.JSONDecodeError:
             scores = None
     prompts = list(config.get("validation", {}).get("prompts") or [])
-    return Run(folder, config, losses, logs.read_jsonl(folder / logs.VALIDATION), logs.sessions(folder), facts,
+    by_step = {r["step"]: r for r in logs.read_jsonl(folder / logs.VALIDATION)
+               if isinstance(r.get("step"), int) and isinstance(r.get("val_loss"), (int, float))}
+    validation = [by_step[k] for k in sorted(by_step)]  # a rerun of a finished run scores its last step again
+    return Run(folder, config, losses, validation, logs.sessions(folder), facts,
                _samples(folder, prompts), scores)
 
 

@@ -217,6 +217,16 @@ def render_run(run: Run) -> str:
     return page(f"difftune run {run.name}", body)
 
 
+def refresh_run_report(folder: str | Path, log=print) -> Path | None:
+    """`write_run_report` for the training loop: a report that cannot be drawn is said in one line and
+    never stops the training it describes."""
+    try:
+        return write_run_report(folder)
+    except Exception as e:  # noqa: BLE001 - the run matters more than its page
+        log(f"warning: report.html not written ({type(e).__name__}: {e})")
+        return None
+
+
 def write_run_report(folder: str | Path) -> Path:
     """(Re)write ``report.html`` in a run folder, atomically; returns its path."""
     run = load_run(folder)
