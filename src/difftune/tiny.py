@@ -34,6 +34,9 @@ from difftune import DifftuneError
 FAMILIES = ("sd", "flux", "kandinsky22")
 """Model families `make_tiny` can build."""
 
+CONTROLNETS = {"controlnet-sd": "sd", "controlnet-flux": "flux"}
+"""Tiny ControlNets `make_tiny_controlnet` can build -> the family of the tiny pipeline they fit."""
+
 TINY_RESOLUTION = {"sd": 64, "flux": 64, "kandinsky22": 64}
 """Image side length in pixels the tiny pipelines of each family are meant to be trained and sampled at.
 
@@ -50,6 +53,8 @@ EXAMPLES = """examples:
   difftune tiny sd runs/tiny-sd
   difftune tiny flux runs/tiny-flux --seed 1
   difftune tiny kandinsky22 runs/tiny-k22      # writes runs/tiny-k22/prior and runs/tiny-k22/decoder
+  difftune tiny controlnet-sd runs/tiny-cn-sd  # a ControlNetModel for the tiny SD pipeline
+  difftune tiny controlnet-flux runs/tiny-cn-flux
 """
 
 _CLIP_TARGET_VOCAB = 1000
@@ -582,15 +587,65 @@ def make_tiny(family: str, out_dir: str | Path, seed: int = 0, **overrides: Any)
     return out_dir
 
 
+def _wake_zero_layers(model: Any, std: float = 0.05) -> None:
+    """Draw every all-zero weight of `model` at random. ControlNets start with zero output layers (so
+    an untrained one changes nothing); a random test ControlNet must change the image, as a trained one does."""
+    import torch
+
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1 and not param.any():
+                param.normal_(0.0, std)
+
+
+def make_tiny_controlnet(kind: str, out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random ControlNet that fits `make_tiny`'s pipeline of ``CONTROLNETS[kind]`` (any seed).
+
+    * ``"controlnet-sd"``: a ``ControlNetModel`` made from the tiny SD UNet (``from_unet``), with a
+      conditioning embedding that downsamples by 4, the tiny VAE's factor.
+    * ``"controlnet-flux"``: a ``FluxControlNetModel`` made from the tiny FLUX transformer
+      (``from_transformer``: 1 double and 1 single block).
+
+    Its zero-initialised output layers are drawn at random (`_wake_zero_layers`), so it changes the
+    image. Loads with ``ControlNetModel.from_pretrained(out_dir)`` / ``FluxControlNetModel.from_pretrained``.
+    """
+    import torch
+
+    if kind not in CONTROLNETS:
+        raise DifftuneError(f"unknown tiny ControlNet {kind!r}; choose one of {', '.join(CONTROLNETS)}")
+    out_dir = Path(out_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if kind == "controlnet-sd":
+            from diffusers import ControlNetModel
+
+            unet = _build_sd(**_KNOBS["sd"]).unet
+            model = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 32))
+        else:
+            from diffusers import FluxControlNetModel
+
+            transformer = _build_flux(**_KNOBS["flux"]).transformer
+            model = FluxControlNetModel.from_transformer(
+                transformer, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2
+            )
+        _wake_zero_layers(model)
+        model.save_pretrained(out_dir)
+    return out_dir
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the arguments of ``difftune tiny FAMILY OUT_DIR [--seed N]`` to `parser`."""
-    parser.add_argument("family", choices=FAMILIES, help="model family to build")
+    parser.add_argument("family", choices=(*FAMILIES, *CONTROLNETS), help="model family (or tiny ControlNet) to build")
     parser.add_argument("out_dir", type=Path, help="folder to write the pipeline(s) to")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``difftune tiny``: build the tiny pipeline(s), print where they went, return exit code 0."""
+    if args.family in CONTROLNETS:
+        out_dir = make_tiny_controlnet(args.family, args.out_dir, seed=args.seed)
+        print(f"wrote tiny {args.family} to {out_dir} (for `difftune tiny {CONTROLNETS[args.family]}` pipelines)")
+        return 0
     out_dir = make_tiny(args.family, args.out_dir, seed=args.seed)
     resolution = TINY_RESOLUTION[args.family]
     if args.family == "kandinsky22":

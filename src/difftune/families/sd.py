@@ -24,6 +24,14 @@ class StableDiffusion(Family):
     text_encoders = ("text_encoder",)
     lora_targets = {"unet": ATTENTION, "text_encoder": CLIP_ATTENTION}
     default_guidance = 7.5
+    task_pipelines = {
+        "text2img": "StableDiffusionPipeline", "img2img": "StableDiffusionImg2ImgPipeline",
+        "inpaint": "StableDiffusionInpaintPipeline", "controlnet": "StableDiffusionControlNetPipeline",
+        "controlnet-img2img": "StableDiffusionControlNetImg2ImgPipeline",
+        "controlnet-inpaint": "StableDiffusionControlNetInpaintPipeline",
+    }
+    controlnet_class = "ControlNetModel"
+    schedulers = ("unipc", "euler", "euler-a", "dpm++", "ddim")
 
     def encode_images(self, pixels):
         vae = self.parts["vae"]
