@@ -587,7 +587,7 @@ def make_tiny(family: str, out_dir: str | Path, seed: int = 0, **overrides: Any)
     return out_dir
 
 
-def _wake_zero_layers(model: Any, std: float = 0.05) -> None:
+def _wake_zero_layers(model: Any, std: float = 0.3) -> None:
     """Draw every all-zero weight of `model` at random. ControlNets start with zero output layers (so
     an untrained one changes nothing); a random test ControlNet must change the image, as a trained one does."""
     import torch

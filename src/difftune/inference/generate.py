@@ -7,6 +7,9 @@ Each PNG carries its parameters in text chunks (`naming.png_info`) and gets one 
 ``images.jsonl``; names never collide with earlier files (`naming`). Image ``i`` of a run uses seed
 ``seed + i``, so any single image can be reproduced on its own.
 
+``--strength 0`` (or so low that no step is left) runs no denoising step: the result is the init
+image through the model's autoencoder (diffusers' img2img pipelines fail on zero steps).
+
 Size: ``--width`` / ``--height``, else the init image's, else the control image's (both rounded down
 to what the model needs), else the resolution the (first) LoRA was trained at, else the model's default.
 """
@@ -22,7 +25,7 @@ from typing import Any
 from .. import DifftuneError
 from . import controlnet as cn
 from . import schedulers
-from .img2img import check_strength, fit, open_image
+from .img2img import check_strength, fit, open_image, round_trip, zero_steps
 from .loras import LoraSpec, check_exists, check_family, inspect, parse_spec
 from .naming import append_record, contact_sheet, save_new_image, slug
 
@@ -250,8 +253,11 @@ def generate(
     paths, images = [], []
     for i in range(num):
         generator = torch.Generator("cpu").manual_seed(seed + i)
-        (image,) = family_cls.sample(pipe, prompt, steps=steps, guidance=guidance, width=p.width, height=p.height,
-                                     generator=generator, num=1, **inputs)
+        if p.init_image is not None and zero_steps(steps, strength):
+            image = round_trip(pipe, family_cls.autoencoder, inputs["image"])
+        else:
+            (image,) = family_cls.sample(pipe, prompt, steps=steps, guidance=guidance, width=p.width,
+                                         height=p.height, generator=generator, num=1, **inputs)
         record = {**params, "seed": seed + i, "width": image.size[0], "height": image.size[1]}
         path = save_new_image(image, out_dir, f"{name}-seed{seed + i}", record)
         append_record(out_dir, {"file": path.name, **record})

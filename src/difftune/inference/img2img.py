@@ -42,3 +42,25 @@ def fit(image: Any, width: int, height: int) -> Any:
     from PIL import Image
 
     return image if image.size == (width, height) else image.resize((width, height), Image.LANCZOS)
+
+
+def zero_steps(steps: int, strength: float | None) -> bool:
+    """Whether img2img at `strength` runs no denoising step (diffusers' pipelines denoise
+    ``int(steps * strength)`` steps and fail on none)."""
+    return strength is not None and int(steps * strength) < 1
+
+
+def round_trip(pipe: Any, autoencoder: str, image: Any) -> Any:
+    """`image` through the pipeline's autoencoder (encode, posterior mode, decode): what img2img with no
+    denoising step returns, the init image within the autoencoder's reconstruction error."""
+    import torch
+    from diffusers.image_processor import VaeImageProcessor
+
+    vae = getattr(pipe, autoencoder)
+    processor = getattr(pipe, "image_processor", None) or VaeImageProcessor()
+    with torch.no_grad():
+        x = processor.preprocess(image).to(vae.device, vae.dtype)
+        encoded = vae.encode(x)
+        latents = encoded.latent_dist.mode() if hasattr(encoded, "latent_dist") else encoded.latents
+        decoded = vae.decode(latents).sample
+    return processor.postprocess(decoded.float(), output_type="pil")[0]
