@@ -266,7 +266,9 @@ def difftune(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess
 def one_line(result: subprocess.CompletedProcess, command: str = "generate") -> str:
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip() and "torchvision" not in line]
+    # progress bars of model loading (an error found after loading) are not messages
+    lines = [line for line in result.stderr.splitlines()
+             if line.strip() and "torchvision" not in line and "%|" not in line]
     assert len(lines) == 1 and lines[0].startswith(f"difftune {command}: error: "), result.stderr[-2000:]
     return lines[0]
 
