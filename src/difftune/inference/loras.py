@@ -179,7 +179,8 @@ def check_family(spec: LoraSpec, family: Any) -> None:
 
 def modules(spec: LoraSpec, family: Any) -> dict[tuple[str, str], Any]:
     """(part, module) -> `difftune.export.LoraWeights` of a local LoRA file, in diffusers module names."""
-    from ..export import from_kohya, read_diffusers, read_file, read_kohya
+    from ..export import read_diffusers, read_file, read_kohya
+    from ..formats.kohya import from_kohya
 
     tensors, header = read_file(spec.file)
     if spec.kohya:
