@@ -255,6 +255,32 @@ def test_merged_folder_equals_base_plus_lora_in_plain_diffusers(family, tiny_sd,
         (Path(base) / "model_index.json").read_text())["_class_name"]
 
 
+def test_single_file_checkpoint_loads_in_diffusers_and_equals_the_folder(tiny_sd, sd_lora, tmp_path):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from difftune.inference.merge import merge
+
+    folder = merge(str(tiny_sd), [(str(sd_lora), 0.8)], tmp_path / "merged")
+    file = merge(str(tiny_sd), [(str(sd_lora), 0.8)], tmp_path / "merged.safetensors", fmt="single-file")
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as fh:  # the original CompVis names ComfyUI and A1111 expect
+        keys = set(fh.keys())
+    assert "model.diffusion_model.input_blocks.0.0.weight" in keys and "first_stage_model.encoder.conv_in.weight" in keys
+    assert any(k.startswith("cond_stage_model.transformer.text_model.") for k in keys)
+    # diffusers' own single-file loader (with the model's configs, offline) reads it back
+    one = StableDiffusionPipeline.from_single_file(str(file), config=str(tiny_sd), local_files_only=True,
+                                                   safety_checker=None)
+
+    def image(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(PROMPT, num_inference_steps=2, width=64, height=64, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images[0]
+
+    assert np.abs(image(one) - image(StableDiffusionPipeline.from_pretrained(str(folder)))).max() < 1e-5
+
+
 # ---- bad inputs: one line, non-zero exit, before the model loads ------------------------------------------
 
 
@@ -335,16 +361,29 @@ def test_bad_inputs_before_loading(broken_sd, tiny_flux, flux_lora, sd_lora, con
     assert not (tmp_path / "o").exists()
 
 
-def test_lora_from_another_base_names_the_module(tiny_sd, foreign_lora, tmp_path):
-    line = one_line(difftune("generate", "--model", str(tiny_sd), "--prompt", "p", "--lora", str(foreign_lora),
-                             "--out", str(tmp_path / "o")))
-    assert str(foreign_lora) in line and "trained on another base model" in line and "inputs" in line
+def test_lora_from_another_base_names_the_layer_before_loading(broken_sd, tiny_sd, foreign_lora, tmp_path):
+    for model in (broken_sd, tiny_sd):  # found in the folder's weight headers, then (library use) in the modules
+        line = one_line(difftune("generate", "--model", str(model), "--prompt", "p", "--lora", str(foreign_lora),
+                                 "--out", str(tmp_path / "o")))
+        assert str(foreign_lora) in line and "trained on another base model" in line and "inputs" in line
+    from diffusers import StableDiffusionPipeline
+
+    from difftune import DifftuneError
+    from difftune.families.registry import get_family
+    from difftune.inference.loras import inspect, load
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd))
+    with pytest.raises(DifftuneError, match="trained on another base model"):
+        load(pipe, get_family("sd"), [inspect(str(foreign_lora), 1.0)])
 
 
-def test_merge_bad_inputs(tiny_sd, flux_lora, tmp_path):
+def test_merge_bad_inputs(tiny_sd, tiny_flux, flux_lora, tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("x")
     line = one_line(difftune("merge", str(tiny_sd), "--lora", str(flux_lora), "--out", str(tmp_path / "new")), "merge")
     assert "a LoRA for the flux family" in line
     line = one_line(difftune("merge", str(tiny_sd), "--lora", str(flux_lora), "--out", str(tmp_path / "taken")), "merge")
     assert "not an empty folder" in line
+    line = one_line(difftune("merge", str(tiny_flux), "--lora", str(flux_lora), "--format", "single-file",
+                             "--out", str(tmp_path / "flux.safetensors")), "merge")
+    assert "the flux family has no one-file checkpoint layout" in line

@@ -141,6 +141,8 @@ class Family:
     controlnet_class: ClassVar[str | None] = None
     #: scheduler names (`difftune.inference.schedulers.SCHEDULERS`) `difftune generate` may swap in
     schedulers: ClassVar[tuple[str, ...]] = ()
+    #: the one-file checkpoint layout `save_single_file` writes (``difftune merge --format single-file``), or None
+    single_file_format: ClassVar[str | None] = None
 
     def __init__(self, cfg: "Config", device: "torch.device", weight_dtype: "torch.dtype"):
         self.cfg = cfg
@@ -345,6 +347,11 @@ class Family:
         from ..inference.loras import load
 
         load(pipe, cls, list(loras))
+
+    @classmethod
+    def save_single_file(cls, pipe: Any, file: Path) -> Path:
+        """Write `pipe` as the one-file checkpoint of `single_file_format` (families that have one override this)."""
+        raise DifftuneError(f"--format single-file: the {cls.name} family has no one-file checkpoint layout")
 
     @classmethod
     def lora_parts(cls) -> tuple[str, ...]:

@@ -26,7 +26,7 @@ from .. import DifftuneError
 from . import controlnet as cn
 from . import schedulers
 from .img2img import check_strength, fit, open_image, round_trip, zero_steps
-from .loras import LoraSpec, check_exists, check_family, inspect, parse_spec
+from .loras import LoraSpec, check_exists, check_family, check_fits_files, inspect, parse_spec
 from .naming import append_record, contact_sheet, save_new_image, slug
 
 EXAMPLES = """examples:
@@ -106,6 +106,7 @@ def plan(model: str, out: Path, *, family: str, loras: list[tuple[str, float]], 
     specs = [inspect(p, s) for p, s in loras]
     for spec in specs:
         check_family(spec, family_cls)
+        check_fits_files(spec, family_cls, model)
     schedulers.check(scheduler, family_cls)
     if mask and not init_image:
         raise DifftuneError("--mask needs --init-image (the image whose masked part is repainted)")

@@ -3,12 +3,13 @@ about itself (family, training resolution, layout), and loading into a pipeline 
 
 Checks run in two steps so that most mistakes cost no model loading:
 
-1. `inspect` (before the model loads): the spec parses, a local-looking path exists, the file is a
-   LoRA, and the family it was trained for (the difftune ``config.yaml`` beside it, else its part
-   names or its kohya module names) is the model's.
-2. `load` (after): every adapted module exists in the model with the LoRA's input and output sizes
-   (a LoRA of another base of the same family fails here, naming the first module that differs),
-   then the pipeline's own ``load_lora_weights`` reads it. kohya files are converted to the diffusers
+1. Before the model loads: the spec parses, a local-looking path exists, the file is a LoRA
+   (`inspect`), the family it was trained for (the difftune ``config.yaml`` beside it, else its part
+   names or its kohya module names) is the model's (`check_family`), and, for a local model folder,
+   its layer sizes match the weight shapes in the folder's safetensors headers (`check_fits_files`:
+   a LoRA of another base of the same family fails here, naming the first layer that differs).
+2. `load` (after): every adapted module exists in the loaded model with the LoRA's sizes, then the
+   pipeline's own ``load_lora_weights`` reads it. kohya files are converted to the diffusers
    layout with `difftune.export` and the family's kohya names first.
 """
 
@@ -198,24 +199,61 @@ def _submodule(component: Any, path: str) -> Any:
     return None
 
 
-def check_fits(spec: LoraSpec, family: Any, components: dict[str, Any]) -> dict[tuple[str, str], Any]:
-    """One line unless every module the LoRA adapts exists in `components` with its sizes."""
-    weights = modules(spec, family)
+def _check_shapes(spec: LoraSpec, weights: dict, shape_of: Any, strict: bool) -> None:
+    """One line for the first adapted module whose weight shape (``shape_of(part, module)``: the
+    ``[out, in, ...]`` shape, or None if unknown) does not fit the LoRA; unknown modules are an error
+    when `strict`."""
     for (part, module), w in weights.items():
-        component = components.get(part)
-        target = _submodule(component, module) if component is not None else None
-        weight = getattr(target, "weight", None)
-        if weight is None:
+        shape = shape_of(part, module)
+        if shape is None:
+            if strict:
+                raise DifftuneError(f"{spec.where}: adapts {part}.{module}, which this model does not have "
+                                    "(a LoRA for another model family or architecture)")
+            continue
+        if w.down.shape[1] != shape[1] or w.up.shape[0] != shape[0]:
             raise DifftuneError(
-                f"{spec.where}: adapts {part}.{module}, which this model does not have "
-                "(a LoRA for another model family or architecture)"
-            )
-        if w.down.shape[1] != weight.shape[1] or w.up.shape[0] != weight.shape[0]:
-            raise DifftuneError(
-                f"{spec.where}: {part}.{module} takes {weight.shape[1]} inputs and gives {weight.shape[0]} outputs in "
+                f"{spec.where}: {part}.{module} takes {shape[1]} inputs and gives {shape[0]} outputs in "
                 f"this model, {w.down.shape[1]} and {w.up.shape[0]} in the LoRA: it was trained on another base model"
                 + (f" ({spec.base})" if spec.base else "")
             )
+
+
+def check_fits_files(spec: LoraSpec, family: Any, model: str) -> None:
+    """Before loading: the LoRA's layer sizes against the weight shapes in a local model folder's
+    safetensors headers (layers the headers do not show are left to `check_fits`)."""
+    if spec.file is None or not Path(model).is_dir():
+        return
+    from safetensors import safe_open
+
+    weights = modules(spec, family)
+    shapes: dict[str, dict[str, tuple]] = {}
+    for part in {p for p, _ in weights}:
+        shapes[part] = {}
+        for f in sorted((Path(model) / part).glob("*.safetensors")):
+            try:
+                with safe_open(str(f), framework="pt") as fh:
+                    shapes[part].update({k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()})
+            except Exception:
+                continue  # unreadable here: loading will say so
+
+    def shape_of(part: str, module: str) -> tuple | None:
+        known = shapes.get(part, {})
+        return known.get(f"{module}.weight") or known.get(f"{module.removeprefix('text_model.')}.weight")
+
+    _check_shapes(spec, weights, shape_of, strict=False)
+
+
+def check_fits(spec: LoraSpec, family: Any, components: dict[str, Any]) -> dict[tuple[str, str], Any]:
+    """One line unless every module the LoRA adapts exists in `components` with its sizes."""
+    weights = modules(spec, family)
+
+    def shape_of(part: str, module: str) -> tuple | None:
+        component = components.get(part)
+        target = _submodule(component, module) if component is not None else None
+        weight = getattr(target, "weight", None)
+        return tuple(weight.shape) if weight is not None else None
+
+    _check_shapes(spec, weights, shape_of, strict=True)
     return weights
 
 

@@ -32,6 +32,7 @@ class StableDiffusion(Family):
     }
     controlnet_class = "ControlNetModel"
     schedulers = ("unipc", "euler", "euler-a", "dpm++", "ddim")
+    single_file_format = "ldm"  # the original CompVis names (ComfyUI, A1111): single_file.py
 
     def encode_images(self, pixels):
         vae = self.parts["vae"]
@@ -62,3 +63,9 @@ class StableDiffusion(Family):
         unet = self.parts["unet"]
         hidden = features["encoder_hidden_states"]
         return unet(x_t, t, encoder_hidden_states=hidden.to(x_t.dtype)).sample
+
+    @classmethod
+    def save_single_file(cls, pipe, file):
+        from .single_file import save
+
+        return save(pipe, file)
