@@ -361,8 +361,13 @@ def test_bad_inputs_before_loading(broken_sd, tiny_flux, flux_lora, sd_lora, con
     assert not (tmp_path / "o").exists()
 
 
-def test_lora_from_another_base_names_the_layer_before_loading(broken_sd, tiny_sd, foreign_lora, tmp_path):
-    for model in (broken_sd, tiny_sd):  # found in the folder's weight headers, then (library use) in the modules
+def test_lora_from_another_base_names_the_layer_before_loading(tiny_sd, foreign_lora, tmp_path):
+    # the UNet's weight headers show the sizes; with an unreadable VAE, loading would fail first
+    broken_vae = tmp_path / "sd"
+    shutil.copytree(tiny_sd, broken_vae)
+    for f in (broken_vae / "vae").glob("*.safetensors"):
+        f.write_bytes(b"not weights")
+    for model in (broken_vae, tiny_sd):
         line = one_line(difftune("generate", "--model", str(model), "--prompt", "p", "--lora", str(foreign_lora),
                                  "--out", str(tmp_path / "o")))
         assert str(foreign_lora) in line and "trained on another base model" in line and "inputs" in line
