@@ -530,7 +530,7 @@ def _samples(family, cfg, step, accelerator) -> None:
     """Validation images for `cfg.validation.prompts` into ``samples/step-N/``."""
     import torch
 
-    from .generate import save_image
+    from .inference.naming import save_image
 
     if not accelerator.is_main_process:
         return
