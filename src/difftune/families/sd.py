@@ -25,6 +25,11 @@ class StableDiffusion(Family):
     lora_targets = {"unet": ATTENTION, "text_encoder": CLIP_ATTENTION}
     default_guidance = 7.5
 
+    @classmethod
+    def pipeline_multiple(cls, vae_factor: int) -> int:
+        """StableDiffusionPipeline.check_inputs refuses sides that are not multiples of 8, whatever the VAE."""
+        return 8
+
     def encode_images(self, pixels):
         vae = self.parts["vae"]
         latents = vae.encode(pixels.to(vae.dtype)).latent_dist.mean
