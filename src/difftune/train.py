@@ -189,14 +189,16 @@ def train(cfg: Config, log=print, progress: str = "auto") -> Path:
     before output_dir exists (preflight.py); then the run holds output_dir (lock.py) until it ends.
     `progress`: ``auto`` (a bar on a terminal, plain lines otherwise), ``bar``, ``lines`` or ``off``.
     """
-    from accelerate import PartialState
+    import os
 
     from .lock import claim_output_dir
     from .preflight import check_run
 
-    main = PartialState().is_main_process
-    checked = check_run(cfg, log=log if main else (lambda *_: None))
-    with claim_output_dir(cfg.output_dir, hold=main):
+    # before torch is imported (bad input is refused in a second); launchers set RANK per process
+    checked = check_run(cfg, log=log if os.environ.get("RANK", "0") == "0" else (lambda *_: None))
+    from accelerate import PartialState
+
+    with claim_output_dir(cfg.output_dir, hold=PartialState().is_main_process):
         return _train(cfg, checked, log, progress)
 
 
