@@ -37,11 +37,11 @@ def refused(result: subprocess.CompletedProcess, command: str) -> str:
     return lines[0]
 
 
-def write_config(path: Path, model, data, out, **sections) -> Path:
+def write_config(path: Path, model, images, out, **sections) -> Path:
     """A small CPU config: tiny model, 64 px, fp32, one step, no checkpoints until the end."""
     cfg = {
         "model": {"path": str(model)},
-        "data": {"resolution": 64, "concepts": [{"dir": str(data), "prompt": "a photo of sks disc"}]},
+        "data": {"resolution": 64, "concepts": [{"dir": str(images), "prompt": "a photo of sks disc"}]},
         "train": {"steps": 1, "batch_size": 2, "lr": 1e-3, "precision": "no"},
         "checkpoint": {"every": 0},
         "output_dir": str(out),
@@ -232,7 +232,7 @@ def test_check_commands_refuse_folders_that_train_refuses(tmp_path, tiny_sd, con
     folder.mkdir()
     if content == "broken":
         (folder / "a.png").write_bytes(b"<html>not an image</html>")
-    expected = ("no images found in" if content == "empty" else "all 1 image files were skipped")
+    expected = f"no images found in {folder}" if content == "empty" else f"no usable images in {folder}: all 1 image"
     config = write_config(tmp_path / "c.yaml", tiny_sd, folder, tmp_path / "out")
     for command, args in (("data", ("check", folder)), ("data", ("check", config)), ("config", ("check", config)),
                           ("train", (config,))):
