@@ -164,7 +164,7 @@ class UsageSettings:
             steps=int(validation.get("steps") or 25),
             run=str(run_dir),
             base=config["model"]["path"],
-            lora=config["method"]["kind"] == "lora",
+            lora=(Path(run_dir) / "pytorch_lora_weights.safetensors").is_file() or config["method"]["kind"] != "full",
         )
 
 
