@@ -53,8 +53,7 @@ def write_report(output_dir: str | Path, facts: dict | None = None) -> Path:
     family = family_of(cfg, facts)
     lines = [f"# difftune run: {out.name}", ""]
     lines += [f"- model: `{model['path']}` (family `{family.name}`)",
-              f"- method: {method['kind']}" + (f", rank {method['rank']}, alpha {method['alpha'] or method['rank']}"
-                                                 if method["kind"] == "lora" else "")]
+              f"- method: {facts.get('method', method['kind'])}"]
     if method.get("init_lora"):
         lines.append(f"- started from LoRA: `{method['init_lora']}`")
     lines.append(f"- training: {_loss_summary(losses)}")
