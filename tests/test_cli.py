@@ -92,7 +92,7 @@ def test_only_broken_images_is_a_clear_error(tmp_path, tiny_sd):
                       "data.resolution=64", f"output_dir={tmp_path / 'o'}", "train.precision=no")
     assert result.returncode == 2
     assert "a.jpg" in result.stdout + result.stderr and "b.png" in result.stdout + result.stderr
-    assert "no usable training images" in result.stderr
+    assert f"no usable images in {data}: all 2 image files were skipped" in result.stderr
 
 
 def test_generate_bad_lora_path(tmp_path, tiny_sd):

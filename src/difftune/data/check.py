@@ -117,34 +117,28 @@ def check(data: "DataConfig", multiple: int) -> Report:
 
 def _target(target: str, overrides: list[str]) -> tuple["DataConfig", int | None]:
     """The data section to check (overrides applied, unknown keys refused) and the model's side
-    multiple when known. A config is checked as `difftune train` checks it before loading a model."""
-    from ..config import ConfigError, data_problems, load_config, validate
+    multiple when the model is a local folder (a config's, or ``model.path=DIR`` given with a folder).
+    The data is checked as `difftune train` checks it; other sections need not be complete."""
+    from ..config import ConfigError, data_problems, load_config
     from .hf import FILE_BUILDERS
 
     path = Path(target)
     if path.is_dir() or (path.is_file() and path.suffix.lower() in FILE_BUILDERS):
         source = "dir" if path.is_dir() else "hf"
         cfg = load_config(None, overrides, base={"data": {"concepts": [{source: target}]}})
-        check_config = False
     elif path.is_file():
         cfg = load_config(path, overrides)
-        check_config = True
     else:
         raise DifftuneError(f"{target}: no such folder, dataset file or config file")
     multiple = None
-    if cfg.model.path and (check_config or Path(cfg.model.path).is_dir()):
+    if cfg.model.path and Path(cfg.model.path).is_dir():  # a hub model is not fetched just for this
         from ..families.registry import resolve_family
 
-        if check_config:
-            validate(cfg)
         multiple = resolve_family(cfg.model.path, cfg.model.family, cfg.model.revision).resolution_multiple(
             cfg.model.path, cfg.model.revision)
-    if check_config:
-        validate(cfg, resolution_multiple=multiple)
-    else:
-        problems = data_problems(cfg.data, resolution_multiple=multiple)
-        if problems:
-            raise ConfigError("; ".join(problems))
+    problems = data_problems(cfg.data, resolution_multiple=multiple)
+    if problems:
+        raise ConfigError("; ".join(problems))
     return cfg.data, multiple
 
 
