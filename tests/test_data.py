@@ -266,8 +266,9 @@ def test_data_check_reports_and_exit_codes(tmp_path, tiny_sd, capsys, pixel_limi
                       f"  concepts: [{{dir: '{folder}', prompt: 'sks'}}]\n")
     assert main(["data", "check", str(config)]) == 0
     report = capsys.readouterr().out
-    assert "buckets at resolution 64 (sides multiples of 4):" in report
-    assert "  24x48: " not in report and "  44x88: 1" in report  # the rotated 1:2 image, upright
+    # the tiny SD's multiple: VAE factor 4 x UNet 2, and StableDiffusionPipeline's own 8
+    assert "buckets at resolution 64 (sides multiples of 8):" in report
+    assert "  24x48: " not in report and "  40x88: 1" in report  # the rotated 1:2 image, upright
 
     broken = tmp_path / "broken"
     broken.mkdir()
