@@ -97,13 +97,22 @@ class Flux(Family):
     lora_targets = {"transformer": ATTENTION, "text_encoder": CLIP_ATTENTION}
     default_guidance = 3.5
     autoencoder = "vae"
-    extra_resolution_factor = 2
     task_pipelines = {
         "text2img": "FluxPipeline", "img2img": "FluxImg2ImgPipeline", "inpaint": "FluxInpaintPipeline",
         "controlnet": "FluxControlNetPipeline", "controlnet-img2img": "FluxControlNetImg2ImgPipeline",
         "controlnet-inpaint": "FluxControlNetInpaintPipeline",
     }
     controlnet_class = "FluxControlNetModel"
+
+    @classmethod
+    def denoiser_multiple(cls, config: dict) -> int:
+        """Latents are packed into 2x2 patches (`pack`)."""
+        return 2
+
+    @classmethod
+    def pipeline_multiple(cls, vae_factor: int) -> int:
+        """FluxPipeline resizes sides that are not multiples of ``vae_scale_factor * 2``."""
+        return vae_factor * 2
 
     def __init__(self, cfg, device, weight_dtype):
         super().__init__(cfg, device, weight_dtype)

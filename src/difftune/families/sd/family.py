@@ -34,6 +34,11 @@ class StableDiffusion(Family):
     schedulers = ("unipc", "euler", "euler-a", "dpm++", "ddim")
     single_file_format = "ldm"  # the original CompVis names (ComfyUI, A1111): single_file.py
 
+    @classmethod
+    def pipeline_multiple(cls, vae_factor: int) -> int:
+        """StableDiffusionPipeline.check_inputs refuses sides that are not multiples of 8, whatever the VAE."""
+        return 8
+
     def encode_images(self, pixels):
         vae = self.parts["vae"]
         latents = vae.encode(pixels.to(vae.dtype)).latent_dist.mean
