@@ -227,7 +227,7 @@ def train(cfg: Config, log=print) -> Path:
     if cfg.method.kind == "lora" and cfg.method.init_lora and not resumed:
         lora.init_from_lora(family, cfg.method.init_lora, part_names)
         say(f"starting from LoRA {cfg.method.init_lora}")
-    speed.apply(family.parts[family.denoiser], cfg, weight_dtype)
+    speed.apply(family.parts[family.denoiser], cfg, weight_dtype, family.block_lists, accelerator.device)
     say(f"speed: {speed.describe(cfg)}")
 
     groups = []
@@ -240,8 +240,9 @@ def train(cfg: Config, log=print) -> Path:
         cfg.train.lr_scheduler, optimizer, num_warmup_steps=cfg.train.lr_warmup_steps,
         num_training_steps=cfg.train.steps,
     )
-    for name in part_names:
-        family.parts[name] = accelerator.prepare(family.parts[name])
+    for name in part_names:  # block swap keeps weights on the host: accelerate must not move them to the device
+        placement = not (name == family.denoiser and cfg.speed.block_swap)
+        family.parts[name] = accelerator.prepare(family.parts[name], device_placement=[placement])
     optimizer = accelerator.prepare(optimizer)
     objective = family.make_objective()
     say(f"{family.name} {cfg.method.kind}: {n_trainable:,} trainable parameters in {', '.join(part_names)}")

@@ -96,6 +96,7 @@ class Flux(Family):
     denoiser = "transformer"
     text_encoders = ("text_encoder",)
     lora_targets = {"transformer": ATTENTION, "text_encoder": CLIP_ATTENTION}
+    block_lists = ("transformer_blocks", "single_transformer_blocks")
     default_guidance = 3.5
     autoencoder = "vae"
     extra_resolution_factor = 2
