@@ -17,8 +17,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 FAKE_PEER = '''
 import argparse, json, os, sys
 from pathlib import Path

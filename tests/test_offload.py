@@ -76,8 +76,8 @@ def assert_identical(a, b):
 
 def swapped(n: int, checkpointing: bool = False):
     model = flux_lora(checkpointing)
-    offload.apply(model, load_config(None, [f"speed.block_swap={n}"]), ("transformer_blocks", "single_transformer_blocks"),
-                  torch.device("cpu"))
+    blocks = ("transformer_blocks", "single_transformer_blocks")
+    offload.apply(model, load_config(None, [f"speed.block_swap={n}"]), blocks, torch.device("cpu"))
     return model, model._difftune_block_swap
 
 

@@ -201,8 +201,8 @@ def probe(record: Path, argv: list[str]) -> None:
 
     def write() -> None:
         cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-        record.write_text(json.dumps({"step_times": steps, "step_cpu": cpu, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                                      * 1024, "cuda_peak": cuda}))
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        record.write_text(json.dumps({"step_times": steps, "step_cpu": cpu, "peak_rss": rss, "cuda_peak": cuda}))
 
     atexit.register(write)
     if argv[0] == "-m":
@@ -277,7 +277,7 @@ def run_difftune(s: Setting, work: Path, name: str, timeout: float | None = None
 
 def compare(family: str, preset: str, scripts: Path, work: Path, steps: int, rounds: int = 3,
             resolution: int | None = None, rank: int = 16, batch: int = 1, precision: str | None = None,
-            gradient_checkpointing: bool = False, log: Callable[[str], None] = print) -> dict:
+            gradient_checkpointing: bool = False, log: Callable[[str], None] = print, warmup: int = 2) -> dict:
     """difftune and the peer script on the same model and images, taking turns `rounds` times;
     medians of the rounds, and peer / difftune ratios (above 1: difftune is faster or smaller)."""
     import torch
@@ -292,11 +292,11 @@ def compare(family: str, preset: str, scripts: Path, work: Path, steps: int, rou
     sides: dict[str, list[dict]] = {"difftune": [], "peer": []}
     for r in range(rounds):
         log(f"{family}/{preset}: round {r + 1} of {rounds}: difftune ...")
-        sides["difftune"].append(run_difftune(s, work, f"{family}-{preset}-difftune-{r}"))
+        sides["difftune"].append(run_difftune(s, work, f"{family}-{preset}-difftune-{r}", warmup=warmup))
         log(f"{family}/{preset}: round {r + 1} of {rounds}: {PEERS[family].script} ...")
-        sides["peer"].append(run_peer(family, scripts, s, work, f"{family}-{preset}-peer-{r}"))
+        sides["peer"].append(run_peer(family, scripts, s, work, f"{family}-{preset}-peer-{r}", warmup=warmup))
     row: dict[str, Any] = {"family": family, "preset": preset, "resolution": resolution, "rank": rank,
-                           "batch": batch, "precision": precision, "steps": steps, "rounds": rounds,
+                           "batch": batch, "precision": precision, "steps": steps, "warmup": warmup, "rounds": rounds,
                            "gradient_checkpointing": gradient_checkpointing,
                            "peer_script": PEERS[family].source, "torchvision": sides["peer"][0]["torchvision"],
                            "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
@@ -341,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.what == "compare":
             row = compare(a.family, a.preset, a.peer_scripts, a.work, a.steps, a.rounds, a.resolution, a.rank,
-                          a.batch, a.precision, a.gradient_checkpointing, log=lambda m: print(m, file=sys.stderr))
+                          a.batch, a.precision, a.gradient_checkpointing, log=lambda m: print(m, file=sys.stderr),
+                          warmup=a.warmup)
         else:
             import torch
 

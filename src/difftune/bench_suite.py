@@ -218,7 +218,8 @@ def run_suite(out: Path, tiny: bool = False, budget: float = 540.0, peer_scripts
         else:
             log(f"suite: {case.name} ({left:.0f} s of the budget left) ...")
             result = run_case(case, out, left, peer_scripts, results)
-        log(f"suite: {case.name}: {result['status']} {result.get('figure') or result.get('error') or result.get('reason', '')}")
+        detail = result.get("figure") or result.get("error") or result.get("reason", "")
+        log(f"suite: {case.name}: {result['status']} {detail}")
         results[case.name] = result
         with (out / "results.jsonl").open("a") as fh:
             fh.write(json.dumps(result) + "\n")
