@@ -11,7 +11,7 @@ from difftune.config import load_config
 
 
 def test_flux_t5_is_freed_without_a_garbage_collection(tiny_flux, tmp_path):
-    from difftune.families.flux import T5, Flux
+    from difftune.families.flux.family import T5, Flux
 
     cfg = load_config(None, [f"model.path={tiny_flux}", f"output_dir={tmp_path}", "train.precision=no"])
     family = Flux(cfg, torch.device("cpu"), torch.float32)

@@ -116,16 +116,17 @@ def write_pipeline(family: str, preset: str, work: Path, device: Any = None, pre
     folder = work / f"pipeline-{family}-{preset}"
     if (folder / "model_index.json").exists():
         return folder
-    tiny, _ = bench._tiny_paths(family, work)
+    tiny = bench._tiny_model(family, work)
     if preset == "tiny":
-        return Path(tiny)
+        return Path(tiny["model.path"])
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = precision or ("bf16" if device.type == "cuda" else "no")
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     case = bench.Case(family=family, preset=preset, precision=precision)
-    cfg = bench._case_config(case, tiny, None, bench.PRESETS[family][preset].resolution, precision, work / "unused")
+    presets = bench.family_presets(family)
+    cfg = bench._case_config(case, tiny, presets[preset].resolution, precision, work / "unused")
     torch.manual_seed(0)
-    fam = bench.build_family(cfg, device, dtype, bench.PRESETS[family][preset], everything_on_device=True)
+    fam = bench.build_family(cfg, device, dtype, presets[preset], everything_on_device=True)
     fam.build_pipeline().save_pretrained(str(folder), safe_serialization=True)
     del fam
     if device.type == "cuda":
@@ -285,7 +286,7 @@ def compare(family: str, preset: str, scripts: Path, work: Path, steps: int, rou
     from . import bench
 
     precision = precision or ("bf16" if torch.cuda.is_available() else "no")
-    resolution = resolution or bench.PRESETS[family][preset].resolution
+    resolution = resolution or bench.family_presets(family)[preset].resolution
     model = write_pipeline(family, preset, work, precision=precision)
     s = Setting(model, write_images(work, resolution), resolution, rank, batch, precision, steps,
                 gradient_checkpointing)
@@ -347,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             precision = a.precision or ("bf16" if torch.cuda.is_available() else "no")
-            resolution = a.resolution or bench.PRESETS[a.family][a.preset].resolution
+            resolution = a.resolution or bench.family_presets(a.family)[a.preset].resolution
             model = write_pipeline(a.family, a.preset, a.work, precision=precision)
             s = Setting(model, write_images(a.work, resolution), resolution, a.rank, a.batch, precision, a.steps,
                         a.gradient_checkpointing)
