@@ -174,7 +174,7 @@ def test_train_with_swap_and_offload_equals_plain(family, tiny_flux, tiny_sd, tm
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["speed.block_swap=2", "method.kind=full"], "only LoRA"),
+    (["speed.block_swap=2", "method.kind=full"], "only adapter methods"),
     (["speed.block_swap=2", "speed.compile=regional"], "cannot trace"),
     (["speed.block_swap=-1"], "must be 0"),
     (["speed.block_swap=99"], "has only 2 blocks"),

@@ -86,9 +86,10 @@ def setup(cfg: "Config", device: torch.device) -> None:
             ) from None
     if s.block_swap < 0:
         raise DifftuneError(f"speed.block_swap must be 0 (off) or a number of blocks, got {s.block_swap}")
-    if s.block_swap and cfg.method.kind != "lora":
+    if s.block_swap and not get_method_class(cfg.method.kind).adapter:
         raise DifftuneError(
-            f"speed.block_swap={s.block_swap} swaps frozen base weights, which only LoRA has; use method.kind=lora")
+            f"speed.block_swap={s.block_swap} swaps frozen base weights, which only adapter methods (LoRA) have, "
+            f"not method.kind={cfg.method.kind}; use method.kind=lora")
     if s.block_swap and s.compile != "none":
         raise DifftuneError(
             f"speed.block_swap={s.block_swap} moves weights between blocks, which speed.compile={s.compile} "
