@@ -24,6 +24,8 @@ import torch
 import diffusers
 
 p = argparse.ArgumentParser()
+p.add_argument("--lora_alpha")
+p.add_argument("--lora_layers")
 for flag in ["--pretrained_model_name_or_path", "--output_dir", "--resolution", "--train_batch_size", "--rank",
              "--mixed_precision", "--max_train_steps", "--learning_rate", "--lr_scheduler", "--lr_warmup_steps",
              "--seed", "--checkpointing_steps", "--dataloader_num_workers", DATA_FLAG, PROMPT_FLAG]:

@@ -67,7 +67,13 @@ def _flux_args(s: Setting, out: Path) -> list[str]:
         "--max_train_steps", str(s.steps), "--learning_rate", str(s.lr), "--lr_scheduler", "constant",
         "--lr_warmup_steps", "0", "--seed", "0", "--cache_latents", "--center_crop",
         "--checkpointing_steps", "1000000", "--dataloader_num_workers", "0",
+        # difftune's LoRA: rank = alpha, the attention projections (the script's default adds the feed-forwards)
+        "--lora_alpha", str(s.rank), "--lora_layers", ",".join(f"attn.{m}" for m in FLUX_ATTENTION),
     ] + (["--gradient_checkpointing"] if s.gradient_checkpointing else [])
+
+
+#: the attention projections difftune's FLUX LoRA targets (families/flux/family.py ATTENTION)
+FLUX_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
 
 def _sd_args(s: Setting, out: Path) -> list[str]:
