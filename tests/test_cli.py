@@ -115,6 +115,7 @@ def test_demo_runs_the_whole_journey(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "demo"
     assert (out / "run" / "pytorch_lora_weights.safetensors").is_file()
-    assert (out / "before" / "000-seed0.png").is_file() and (out / "after" / "000-seed0.png").is_file()
+    assert [p.name for p in (out / "before").glob("*.png")] == ["0000-a-photo-of-sks-disc-seed0.png"]
+    assert [p.name for p in (out / "after").glob("*.png")] == ["0000-a-photo-of-sks-disc-seed0.png"]
     assert list((out / "run" / "samples").glob("step-*/*.png"))
     assert "[4/4]" in result.stdout and "demo finished" in result.stdout

@@ -385,7 +385,8 @@ def test_generate_is_reproducible_and_loras_change_it(tiny_flux, lora_run, tmp_p
     from safetensors.torch import save_file
 
     from difftune.export import read_file
-    from difftune.generate import generate, read_params
+    from difftune.inference.generate import generate
+    from difftune.inference.naming import read_params
 
     def make(name, loras=(), seed=3):
         (path,) = generate(str(tiny_flux), PROMPT, tmp_path / name, loras=list(loras), steps=2, width=64, height=64,

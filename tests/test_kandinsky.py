@@ -22,7 +22,8 @@ from conftest import base_overrides, make_images
 from difftune import DifftuneError
 from difftune.config import load_config, validate
 from difftune.families.base import unwrap
-from difftune.generate import generate, read_params
+from difftune.inference.generate import generate
+from difftune.inference.naming import read_params
 from difftune.train import read_losses, train
 
 PROMPT = "a photo of sks disc"

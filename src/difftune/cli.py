@@ -17,7 +17,9 @@ from . import DifftuneError, __version__
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("difftune.commands:add_train_arguments:run_train:TRAIN_EXAMPLES",
               "train a LoRA or full fine-tune from a YAML config"),
-    "generate": ("difftune.generate:add_arguments:run:EXAMPLES", "generate images with a model and any LoRAs"),
+    "generate": ("difftune.inference.generate:add_arguments:run:EXAMPLES",
+                 "generate images with a model, LoRAs and ControlNets, from text, an image or an image and a mask"),
+    "merge": ("difftune.inference.merge:add_arguments:run:EXAMPLES", "fuse LoRAs into a base model: one pipeline folder"),
     "tiny": ("difftune.tiny:add_arguments:run:EXAMPLES", "write a tiny random pipeline (offline) in the diffusers layout"),
     "demo": ("difftune.demo:add_arguments:run:EXAMPLES",
              "the whole journey on a built-in tiny model, in a few minutes on a CPU"),
@@ -30,6 +32,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
                "print the config reference or check a config file"),
     "data": ("difftune.data.check:add_arguments:run:EXAMPLES",
              "check training data: counts, sizes, aspect ratios, captions and problems per file"),
+    "sweep": ("difftune.sweeps.runner:add_arguments:run:EXAMPLES",
+              "train every combination of --grid values as its own run, resumable; then compare them"),
+    "compare": ("difftune.reports.compare:add_arguments:run:EXAMPLES",
+                "one page comparing runs or sweeps: differing keys, curves, samples side by side, scores"),
+    "report": ("difftune.reports.run_page:add_arguments:run:EXAMPLES", "rebuild report.html for run folders"),
 }
 
 

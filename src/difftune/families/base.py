@@ -136,6 +136,16 @@ class Family:
     #: the part whose spatial factor constrains resolutions, and the extra factor on top of it (packing)
     autoencoder: ClassVar[str | None] = "vae"
     extra_resolution_factor: ClassVar[int] = 1
+    #: `difftune generate`'s tasks -> the diffusers pipeline class for each (``text2img``, ``img2img``,
+    #: ``inpaint``, and with ControlNets ``controlnet``, ``controlnet-img2img``, ``controlnet-inpaint``);
+    #: a task left out is one the family does not offer. `task_pipeline` builds them from the loaded pipeline.
+    task_pipelines: ClassVar[dict[str, str]] = {}
+    #: the diffusers ControlNet model class this family's ControlNet pipelines take (None: no ControlNet)
+    controlnet_class: ClassVar[str | None] = None
+    #: scheduler names (`difftune.inference.schedulers.SCHEDULERS`) `difftune generate` may swap in
+    schedulers: ClassVar[tuple[str, ...]] = ()
+    #: the one-file checkpoint layout `save_single_file` writes (``difftune merge --format single-file``), or None
+    single_file_format: ClassVar[str | None] = None
 
     def __init__(self, cfg: "Config", device: "torch.device", weight_dtype: "torch.dtype"):
         self.cfg = cfg
@@ -327,26 +337,50 @@ class Family:
         import diffusers
 
         pipeline_cls = getattr(diffusers, cls.pipeline_classes[0])
-        pipe = pipeline_cls.from_pretrained(path, dtype=dtype)
+        try:
+            pipe = pipeline_cls.from_pretrained(path, dtype=dtype)
+        except Exception as e:  # a broken folder, a missing part, the network for a hub id: one line
+            raise DifftuneError(f"cannot load {path} as a {pipeline_cls.__name__}: {type(e).__name__}: {e}") from None
         return pipe.to(device)
 
     @classmethod
-    def apply_loras(cls, pipe: Any, loras: list[tuple[str, float]]) -> None:
-        """Load LoRA files into `pipe` as named adapters and activate them with their scales."""
-        names = []
-        for i, (path, _) in enumerate(loras):
-            name = f"lora{i}"
-            pipe.load_lora_weights(path, adapter_name=name)
-            names.append(name)
-        if names:
-            pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
+    def apply_loras(cls, pipe: Any, loras: list[Any]) -> None:
+        """Load LoRAs (`difftune.inference.loras.LoraSpec`: ``path``, ``scale``...) into `pipe` as named
+        adapters and activate them with their scales. Default: checked against the pipeline's modules,
+        then its ``load_lora_weights`` (`difftune.inference.loras.load`)."""
+        from ..inference.loras import load
+
+        load(pipe, cls, list(loras))
+
+    @classmethod
+    def save_single_file(cls, pipe: Any, file: Path) -> Path:
+        """Write `pipe` as the one-file checkpoint of `single_file_format` (families that have one override this)."""
+        raise DifftuneError(f"--format single-file: the {cls.name} family has no one-file checkpoint layout")
+
+    @classmethod
+    def lora_parts(cls) -> tuple[str, ...]:
+        """The pipeline parts a LoRA file of this family may hold weights for (its key prefixes); empty
+        when its files carry no part prefix (then only loading can tell whether a file fits)."""
+        return (cls.denoiser, *cls.text_encoders)
+
+    @classmethod
+    def task_pipeline(cls, pipe: Any, task: str, controlnet: Any = None) -> Any:
+        """The pipeline for `task` (a `task_pipelines` key) sharing `pipe`'s modules, with `controlnet`
+        (one ControlNet model or a list of them) for the ControlNet tasks."""
+        import diffusers
+
+        if task == "text2img" and controlnet is None:
+            return pipe
+        pipeline_cls = getattr(diffusers, cls.task_pipelines[task])
+        return pipeline_cls.from_pipe(pipe, **({"controlnet": controlnet} if controlnet is not None else {}))
 
     @classmethod
     def sample(cls, pipe: Any, prompt: str, *, steps: int, guidance: float, width: int, height: int,
-               generator: Any, num: int = 1) -> list[Any]:
-        """Images (PIL) for one prompt with a ready pipeline."""
+               generator: Any, num: int = 1, **inputs: Any) -> list[Any]:
+        """Images (PIL) for one prompt with a ready pipeline. `inputs`: further arguments of the
+        pipeline's call (``negative_prompt``, ``image``, ``mask_image``, ``strength``, ``control_image``...)."""
         out = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
-                   generator=generator, num_images_per_prompt=num)
+                   generator=generator, num_images_per_prompt=num, **inputs)
         return list(out.images)
 
     @classmethod

@@ -99,6 +99,12 @@ class Flux(Family):
     default_guidance = 3.5
     autoencoder = "vae"
     extra_resolution_factor = 2
+    task_pipelines = {
+        "text2img": "FluxPipeline", "img2img": "FluxImg2ImgPipeline", "inpaint": "FluxInpaintPipeline",
+        "controlnet": "FluxControlNetPipeline", "controlnet-img2img": "FluxControlNetImg2ImgPipeline",
+        "controlnet-inpaint": "FluxControlNetInpaintPipeline",
+    }
+    controlnet_class = "FluxControlNetModel"
 
     def __init__(self, cfg, device, weight_dtype):
         super().__init__(cfg, device, weight_dtype)
@@ -223,12 +229,12 @@ class Flux(Family):
         return pipe
 
     @classmethod
-    def sample(cls, pipe, prompt, *, steps, guidance, width, height, generator, num=1):
+    def sample(cls, pipe, prompt, *, steps, guidance, width, height, generator, num=1, **inputs):
         """Images for one prompt; width/height None = the pipeline's default size. A pipeline from
         `build_pipeline` samples cached prompts from their embeddings (T5 may be gone) and others
         at the training sequence length."""
         kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
-                      generator=generator)
+                      generator=generator, **inputs)
         known = _SAMPLING.get(pipe)
         if known is not None:
             kwargs["max_sequence_length"] = known.max_sequence_length

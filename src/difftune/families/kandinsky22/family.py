@@ -228,7 +228,7 @@ class _Kandinsky(Family):
 
     @classmethod
     def sample(cls, pipe: Any, prompt: str, *, steps: int, guidance: float, width: int, height: int,
-               generator: Any, num: int = 1) -> list[Any]:
+               generator: Any, num: int = 1, **inputs: Any) -> list[Any]:
         """Images for `prompt` from a ``KandinskyV22CombinedPipeline``; `guidance` and `steps` apply to both
         the prior and the decoder. Default size: the decoder UNet's sample size times the MoVQ factor."""
         sample_size = pipe.unet.config.sample_size
@@ -236,7 +236,7 @@ class _Kandinsky(Family):
         out = pipe(
             prompt, num_inference_steps=steps, prior_num_inference_steps=steps, guidance_scale=guidance,
             prior_guidance_scale=guidance, width=width or default, height=height or default,
-            generator=generator, num_images_per_prompt=num,
+            generator=generator, num_images_per_prompt=num, **inputs,
         )
         return list(out.images)
 
@@ -248,6 +248,10 @@ class KandinskyDecoder(_Kandinsky):
     text_encoders = ()
     lora_targets = {"unet": DECODER_ATTENTION}
     autoencoder = "movq"
+    task_pipelines = {
+        "text2img": "KandinskyV22CombinedPipeline", "img2img": "KandinskyV22Img2ImgCombinedPipeline",
+        "inpaint": "KandinskyV22InpaintCombinedPipeline",
+    }
 
     def load(self) -> None:
         prior = self.cfg.model.prior
@@ -317,9 +321,13 @@ class KandinskyDecoder(_Kandinsky):
         return combine(prior_pipe, decoder_pipe).to(device)
 
     @classmethod
-    def apply_loras(cls, pipe: Any, loras: list[tuple[str, float]]) -> None:
+    def apply_loras(cls, pipe: Any, loras: list[Any]) -> None:
         """Decoder LoRAs (``--lora``) into the UNet of a combined pipeline."""
-        load_adapters(pipe.unet, loras, "--lora", "unet")
+        load_adapters(pipe.unet, [(spec.path, spec.scale) for spec in loras], "--lora", "unet")
+
+    @classmethod
+    def lora_parts(cls) -> tuple[str, ...]:
+        return ()  # files written by save_lora_adapter: keys carry no part prefix
 
 
 class KandinskyPrior(_Kandinsky):
