@@ -72,6 +72,9 @@ EXAMPLES = """examples:
       train.gradient_checkpointing=true speed.base_weights=fp8 --json bench.jsonl   # on a GPU
   difftune bench --family sd --preset real --resolution 512 --precision bf16 --batch 8,16,32,64
   difftune bench --family flux --preset real --resolution 1024 --precision bf16 --mode generate --gen-steps 28
+  difftune bench --suite gpu --out gpu-results --peer-scripts peer-scripts   # every GPU goal, <= 9 min on one H100
+  difftune bench --suite gpu --out /tmp/suite --tiny                         # the same suite on tiny models (CPU)
+  difftune bench --suite peers --preset small --peer-scripts peer-scripts --out peers   # against diffusers' scripts
 
 Trailing key.path=value pairs set config keys as in `difftune train` (speed.*, train.*, method.*, objective.*).
 """
@@ -111,6 +114,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s (default: measured matmul)")
     parser.add_argument("--json", type=Path, help="append one JSON line per case to this file")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="config keys (speed.*, train.*, ...)")
+    suite = parser.add_argument_group("suites (bench_suite.py)")
+    suite.add_argument("--suite", choices=["gpu", "peers"],
+                       help="gpu: every GPU goal's case, each in its own process, into --out; "
+                            "peers: difftune against diffusers' example scripts (--peer-scripts) on --preset")
+    suite.add_argument("--out", type=Path, help="suite output folder (results.jsonl, results.md, logs/)")
+    suite.add_argument("--tiny", action="store_true", help="the suite's cases on the tiny models (a CPU proof run)")
+    suite.add_argument("--budget", type=float, default=540.0, help="the gpu suite's time budget in seconds (540)")
+    suite.add_argument("--peer-scripts", type=Path,
+                       help="folder with diffusers' train_dreambooth_lora_flux.py and train_text_to_image_lora.py")
+    suite.add_argument("--rounds", type=int, default=3, help="peers suite: turns of each side (3)")
 
 
 @dataclass
@@ -133,6 +146,10 @@ class Case:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "suite", None):
+        from .bench_suite import run as run_suite
+
+        return run_suite(args)
     try:
         batches = [int(b) for b in str(args.batch).split(",") if b.strip()]
     except ValueError:
@@ -636,13 +653,14 @@ def _run_train(case: Case, cfg: Any, preset: Preset, device: Any, weight_dtype: 
     forward_flops, flops = count_flops(denoiser, args, kwargs)
     probe_s = time.perf_counter() - t_probe
 
-    speed.apply(family.parts[family.denoiser], cfg, weight_dtype)
+    speed.apply(family.parts[family.denoiser], cfg, weight_dtype, family.block_lists, device)
     method = get_method(cfg.method)
     groups = [{"params": method.trainable_parameters(family.parts[name]), "lr": cfg.train.lr} for name in part_names]
     params = [p for g in groups for p in g["params"]]
     optimizer = accelerator.prepare(_make_optimizer(cfg, groups))
-    for name in part_names:
-        family.parts[name] = accelerator.prepare(family.parts[name])
+    for name in part_names:  # block swap keeps weights on the host: as in train.py
+        placement = not (name == family.denoiser and cfg.speed.block_swap)
+        family.parts[name] = accelerator.prepare(family.parts[name], device_placement=[placement])
     max_norm = cfg.train.max_grad_norm
 
     def train_step(k: int) -> None:

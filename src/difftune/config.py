@@ -247,6 +247,17 @@ class SpeedConfig:
         "float8_e4m3 with a scale per row (half of bf16), dequantised as each layer runs; `nf4` 4-bit NormalFloat "
         "(QLoRA, needs bitsandbytes). Linear layers only; embedders and the first/last projections stay as they are.",
     )
+    block_swap: int = _f(
+        0,
+        "LoRA only, low VRAM: keep the frozen weights of this many transformer blocks (the first ones in run order) in "
+        "host memory and copy each to the GPU just before it runs (forward and backward), overlapped with compute on a "
+        "side CUDA stream. 0 = off. Single process only; not with speed.compile.",
+    )
+    offload_activations: bool = _f(
+        False,
+        "Low VRAM: keep the activations the denoiser saves for the backward in (pinned) host memory instead of the "
+        "GPU; costs host-device copies, saves the activation memory that gradient checkpointing would recompute.",
+    )
 
 
 @dataclass

@@ -5,10 +5,10 @@ train.py (and bench.py, which times the same step) calls three functions, in thi
 1. `setup(cfg, device)` once the accelerator exists and *before any model is loaded*: checks that
    every switch can run on this machine (a one-line `DifftuneError` naming what is missing, so a
    run does not load a 12B model first and fail after) and sets the process-wide matmul flags (TF32).
-2. `apply(module, cfg, compute_dtype)` on the denoiser after the method (LoRA or full) is attached
-   and gradient checkpointing is set, before ``accelerator.prepare``: storage of the frozen base
-   weights (fp8 / nf4), channels_last, the attention backend and torch.compile, in that order
-   (compile last, so it traces the final modules).
+2. `apply(module, cfg, compute_dtype, block_lists, device)` on the denoiser after the method (LoRA or
+   full) is attached and gradient checkpointing is set, before ``accelerator.prepare``: storage of the
+   frozen base weights (fp8 / nf4), channels_last, the attention backend, torch.compile, then block
+   swap and activation offloading (`difftune.offload`), in that order.
 3. `adamw_options(cfg, params)` when the optimizer is built: the fused AdamW kernel where torch has
    one for the parameters' device.
 
@@ -54,6 +54,10 @@ def describe(cfg: "Config") -> str:
         parts.append("channels_last")
     if s.fused_optimizer:
         parts.append("fused_adamw")
+    if s.block_swap:
+        parts.append(f"block_swap={s.block_swap}")
+    if s.offload_activations:
+        parts.append("offload_activations")
     if cfg.train.gradient_checkpointing:
         parts.append("gradient_checkpointing")
     return ", ".join(parts)
@@ -80,6 +84,16 @@ def setup(cfg: "Config", device: torch.device) -> None:
                 "speed.base_weights=nf4 needs bitsandbytes (pip install 'difftune[gpu]'), best on a CUDA GPU; "
                 "or use speed.base_weights=fp8, which needs nothing extra"
             ) from None
+    if s.block_swap < 0:
+        raise DifftuneError(f"speed.block_swap must be 0 (off) or a number of blocks, got {s.block_swap}")
+    if s.block_swap and not get_method_class(cfg.method.kind).adapter:
+        raise DifftuneError(
+            f"speed.block_swap={s.block_swap} swaps frozen base weights, which only adapter methods (LoRA) have, "
+            f"not method.kind={cfg.method.kind}; use method.kind=lora")
+    if s.block_swap and s.compile != "none":
+        raise DifftuneError(
+            f"speed.block_swap={s.block_swap} moves weights between blocks, which speed.compile={s.compile} "
+            "cannot trace; use one of them")
     _check_attention_backend(s.attention_backend, device)
     if s.compile != "none":
         if cuda:
@@ -123,11 +137,14 @@ def _check_attention_backend(name: str, device: torch.device) -> None:
 # ---- 2. on the denoiser, after the method is attached ----------------------------------------------
 
 
-def apply(module: Any, cfg: "Config", compute_dtype: torch.dtype) -> None:
+def apply(module: Any, cfg: "Config", compute_dtype: torch.dtype, block_lists: Iterable[str] = (),
+          device: Any = None) -> None:
     """Apply the model-level switches to `module` (the denoiser, LoRA attached) in place.
 
     `compute_dtype` is the dtype the frozen weights are used in (train.precision's); fp8 and nf4
-    weights are turned back into it layer by layer, as each layer runs.
+    weights are turned back into it layer by layer, as each layer runs. `block_lists` (the family's
+    ``block_lists``) and `device` serve block swap and activation offloading (`difftune.offload`):
+    with `device` given, the denoiser ends on it, but for the swapped weights.
     """
     s = cfg.speed
     if s.base_weights == "fp8":
@@ -141,6 +158,10 @@ def apply(module: Any, cfg: "Config", compute_dtype: torch.dtype) -> None:
         set_attention_backend(module, s.attention_backend)
     if s.compile != "none":
         compile_model(module, s.compile)
+    if s.block_swap or s.offload_activations or device is not None:
+        from . import offload
+
+        offload.apply(module, cfg, tuple(block_lists), device)
 
 
 def _skip_patterns(module: Any) -> tuple[str, ...]:

@@ -251,7 +251,7 @@ def _train(cfg: Config, checked, log, progress_mode: str) -> Path:
     part_names = attach_method(family, cfg)
     if not resumed:
         method.start(family, part_names, say)
-    speed.apply(family.parts[family.denoiser], cfg, weight_dtype)
+    speed.apply(family.parts[family.denoiser], cfg, weight_dtype, family.block_lists, accelerator.device)
     say(f"speed: {speed.describe(cfg)}")
 
     groups = []
@@ -264,8 +264,9 @@ def _train(cfg: Config, checked, log, progress_mode: str) -> Path:
         cfg.train.lr_scheduler, optimizer, num_warmup_steps=cfg.train.lr_warmup_steps,
         num_training_steps=cfg.train.steps,
     )
-    for name in part_names:
-        family.parts[name] = accelerator.prepare(family.parts[name])
+    for name in part_names:  # block swap keeps weights on the host: accelerate must not move them to the device
+        placement = not (name == family.denoiser and cfg.speed.block_swap)
+        family.parts[name] = accelerator.prepare(family.parts[name], device_placement=[placement])
     optimizer = accelerator.prepare(optimizer)
     objective = family.make_objective()
     say(f"{family.name} {method.label()}: {n_trainable:,} trainable parameters in {', '.join(part_names)}")

@@ -197,6 +197,9 @@ class Family:
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)
     #: default LoRA target module names per part (``method.target_modules`` overrides the denoiser's)
     lora_targets: ClassVar[dict[str, list[str]]] = {}
+    #: the denoiser's lists of repeated blocks (attribute names of ``nn.ModuleList``s), in the order
+    #: they run; what ``speed.block_swap`` swaps (empty: the family does not support it)
+    block_lists: ClassVar[tuple[str, ...]] = ()
     #: guidance scale for samples when the config gives none
     default_guidance: ClassVar[float] = 7.5
     #: the part whose spatial factor constrains resolutions (None: nothing spatial is denoised)
@@ -276,7 +279,8 @@ class Family:
         for name, spec in pipeline_parts(self.index).items():
             dtype = trained_dtype if name in trained else self.weight_dtype
             part = load_part(m.path, name, spec, dtype, m.revision, m.variant)
-            if isinstance(part, torch.nn.Module):
+            # under block swap the denoiser stays on the host: speed.apply moves all but the swapped blocks
+            if isinstance(part, torch.nn.Module) and not (name == self.denoiser and self.cfg.speed.block_swap):
                 part.to(self.device)
             self.parts[name] = part
         missing = [p for p in [self.denoiser, *self.text_encoders] if p not in self.parts]

@@ -23,6 +23,7 @@ class StableDiffusion(Family):
     denoiser = "unet"
     text_encoders = ("text_encoder",)
     lora_targets = {"unet": ATTENTION, "text_encoder": CLIP_ATTENTION}
+    block_lists = ("down_blocks", "mid_block", "up_blocks")
     default_guidance = 7.5
     task_pipelines = {
         "text2img": "StableDiffusionPipeline", "img2img": "StableDiffusionImg2ImgPipeline",
