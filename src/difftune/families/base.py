@@ -121,6 +121,9 @@ class Family:
     #: the part whose spatial factor constrains resolutions, and the extra factor on top of it (packing)
     autoencoder: ClassVar[str | None] = "vae"
     extra_resolution_factor: ClassVar[int] = 1
+    #: per part, the block classes that each become one FSDP unit (``parallel.strategy: fsdp``); a part not
+    #: named here uses its model's own ``_no_split_modules`` (diffusers and transformers set them)
+    fsdp_blocks: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def __init__(self, cfg: "Config", device: "torch.device", weight_dtype: "torch.dtype"):
         self.cfg = cfg
@@ -140,6 +143,11 @@ class Family:
         blocks = conf.get("block_out_channels")
         factor = 2 ** (len(blocks) - 1) if blocks else 8
         return factor * cls.extra_resolution_factor
+
+    @classmethod
+    def shard_blocks(cls, part: str, module: Any) -> tuple[str, ...]:
+        """Class names of the blocks of `part` that are sharded as one unit each (see `fsdp_blocks`)."""
+        return tuple(cls.fsdp_blocks.get(part) or getattr(module, "_no_split_modules", None) or ())
 
     # ---- loading -----------------------------------------------------------------------------
 

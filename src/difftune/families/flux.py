@@ -99,6 +99,7 @@ class Flux(Family):
     default_guidance = 3.5
     autoencoder = "vae"
     extra_resolution_factor = 2
+    fsdp_blocks = {"transformer": ("FluxTransformerBlock", "FluxSingleTransformerBlock")}
 
     def __init__(self, cfg, device, weight_dtype):
         super().__init__(cfg, device, weight_dtype)

@@ -24,6 +24,8 @@ class StableDiffusion(Family):
     text_encoders = ("text_encoder",)
     lora_targets = {"unet": ATTENTION, "text_encoder": CLIP_ATTENTION}
     default_guidance = 7.5
+    fsdp_blocks = {"unet": ("CrossAttnDownBlock2D", "DownBlock2D", "UNetMidBlock2DCrossAttn", "CrossAttnUpBlock2D",
+                            "UpBlock2D"), "text_encoder": ("CLIPEncoderLayer",)}
 
     def encode_images(self, pixels):
         vae = self.parts["vae"]
