@@ -94,9 +94,11 @@ def generate(
     import torch
 
     from .families.registry import resolve_family
+    from .parallel.generation import share
 
     family_cls = resolve_family(model, family)
-    dev = pick_device(device)
+    indices, launched_on = share(num)  # under `accelerate launch`: this process's images and device
+    dev = launched_on if launched_on is not None and device == "auto" else pick_device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     pipe = family_cls.load_pipeline(model, dev, dtype, extra or {})
     family_cls.apply_loras(pipe, list(loras))
@@ -105,7 +107,7 @@ def generate(
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i in range(num):
+    for i in indices:
         generator = torch.Generator("cpu").manual_seed(seed + i)
         (image,) = family_cls.sample(pipe, prompt, steps=steps, guidance=guidance, width=width, height=height,
                                      generator=generator, num=1)

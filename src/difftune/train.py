@@ -200,6 +200,7 @@ def train(cfg: Config, log=print) -> Path:
         say(f"starting from LoRA {cfg.method.init_lora}")
     speed.apply(family.parts[family.denoiser], cfg, weight_dtype)
     say(f"speed: {speed.describe(cfg)}")
+    say(par.plan_line(family, part_names))
     par.shard(family, part_names)  # FSDP: one unit per block; the optimizer below then holds shards
 
     groups = []

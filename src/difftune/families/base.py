@@ -33,11 +33,11 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 
 def unwrap(module: Any) -> Any:
-    """The plain module under DDP / torch.compile wrappers."""
+    """The plain module under DDP / DeepSpeed / torch.compile wrappers."""
     while True:
         if hasattr(module, "_orig_mod"):
             module = module._orig_mod
-        elif module.__class__.__name__ in ("DistributedDataParallel", "DataParallel") and hasattr(module, "module"):
+        elif module.__class__.__name__ in ("DistributedDataParallel", "DataParallel", "DeepSpeedEngine") and hasattr(module, "module"):
             module = module.module
         else:
             return module

@@ -70,6 +70,21 @@ class Parallel:
             return self.local_rank, self.world // self.machines
         return self.rank, self.world
 
+    def plan_line(self, family: Any, names: list[str]) -> str:
+        """The memory planner's estimate for this strategy and run (see `difftune plan`), for the log."""
+        from .plan import GB, count, estimates
+
+        t = self.cfg.train
+        rows = {r.strategy: r for r in estimates(count(self.cfg, family.parts, family, names), gpus=self.world,
+                                                  precision=t.precision, batch=t.batch_size,
+                                                  checkpointing=t.gradient_checkpointing, optimizer=t.optimizer)}
+        row = rows.get(self._plan_row(), rows["ddp"])
+        act = "" if row.activations is not None else " (activations not estimated)"
+        return f"memory plan: about {row.total / GB:.1f} GB per device{act}; `difftune plan` compares strategies"
+
+    def _plan_row(self) -> str:
+        return "ddp"
+
     # ---- wrapping --------------------------------------------------------------------------
 
     def shard(self, family: Any, names: list[str]) -> None:
@@ -302,9 +317,11 @@ def set_rng_state(device: Any, tensors: dict, plain: dict) -> None:
 
 
 def _local(t: Any) -> Any:
-    """The part of `t` this process holds (a DTensor's local shard, else `t`)."""
+    """The part of `t` this process holds (a DTensor's local shard, a ZeRO-3 partition, else `t`)."""
     to_local = getattr(t, "to_local", None)
-    return to_local() if to_local is not None else t
+    if to_local is not None:
+        return to_local()
+    return getattr(t, "ds_tensor", None) if getattr(t, "ds_tensor", None) is not None else t
 
 
 #: sub-folder of a checkpoint holding torch.distributed.checkpoint shards
@@ -401,6 +418,11 @@ def setup(cfg: "Config") -> Parallel:
     out = Path(cfg.output_dir)
     accelerator = Accelerator(mixed_precision=cfg.train.precision, log_with="tensorboard",
                               project_dir=str(out / "logs"), **kwargs)
-    if name == "ddp" and accelerator.num_processes == 1 and processes() > 1:
-        raise DifftuneError("the launcher started several processes but they did not join one group (check the launcher)")
+    if name != "none" and accelerator.num_processes != processes():
+        raise DifftuneError(f"the launcher started {processes()} processes but {accelerator.num_processes} joined the group")
+    if name == "deepspeed" and accelerator.distributed_type.value != "DEEPSPEED":
+        raise DifftuneError(
+            "parallel.strategy=deepspeed: accelerate did not start DeepSpeed (it never does with ACCELERATE_USE_CPU=true "
+            "or --cpu); on a machine without GPUs launch with DS_ACCELERATOR=cpu and without them"
+        )
     return strategy_cls(cfg, accelerator)

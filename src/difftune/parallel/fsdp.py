@@ -69,13 +69,11 @@ class FullShard(Parallel):
     sample_on_every_rank = True
     sharded = True
 
-    def __init__(self, cfg, accelerator):
-        super().__init__(cfg, accelerator)
-        self.units = 0
-
     def _details(self) -> str:
-        offload = ", CPU offload" if self.cfg.parallel.cpu_offload else ""
-        return f"{offload}, {self.units} units" if self.units else offload
+        return ", CPU offload" if self.cfg.parallel.cpu_offload else ""
+
+    def _plan_row(self) -> str:
+        return "fsdp + cpu_offload" if self.cfg.parallel.cpu_offload else "fsdp"
 
     def shard(self, family: Any, names: list[str]) -> None:
         from torch.distributed.device_mesh import init_device_mesh
@@ -91,7 +89,6 @@ class FullShard(Parallel):
             for block in blocks:
                 fully_shard(block, **kwargs)
             fully_shard(module, **kwargs)
-            self.units += len(blocks) + 1
             family.parts[name] = module
 
     def prepare(self, parts, names, optimizer, scheduler):
