@@ -61,19 +61,18 @@ def test_sharding_divides_what_it_shards(tiny_sd, tmp_path):
 
 
 def test_flux_dev_full_fine_tune_on_8_x_80_gb_matches_the_readme(tmp_path, capsys):
-    """The README's seed-003 estimate is this command's output."""
+    """Seed 003's run (the shipped 8-GPU config): FSDP fits where DDP cannot; the README shows this output."""
     model = flux_dev_configs(tmp_path / "flux-dev")
-    config = tmp_path / "c.yaml"
-    config.write_text("{}\n")
-    args = ["plan", str(config), f"model.path={model}", "method.kind=full", "data.resolution=1024",
-            "train.batch_size=1", "--gpus", "8", "--gpu-memory", "80"]
-    assert cli(args) == 0
+    config = Path(__file__).parent.parent / "configs" / "flux-dev-full-8gpu.yaml"
+    assert cli(["plan", str(config), f"model.path={model}", "--gpus", "8", "--gpu-memory", "80"]) == 0
     out = capsys.readouterr().out
     assert "11,901.4M trained parameters" in out
-    c = count_config(load_config(config, args[2:6]))
-    rows = estimates(c, gpus=8, precision="bf16", batch=1, checkpointing=False)
-    assert {r.strategy for r in rows if r.fits(80 * GB)} >= {"fsdp"} and not rows[0].fits(80 * GB)
-    assert suggest(rows, 80 * GB).strategy == "fsdp"
+    cfg = load_config(config, [f"model.path={model}"])
+    rows = {r.strategy: r for r in estimates(count_config(cfg), gpus=8, precision="bf16", batch=1, checkpointing=True)}
+    assert not rows["ddp"].fits(80 * GB) and rows["fsdp"].fits(80 * GB)
+    # weights, gradients and AdamW states of 11.9B fp32 parameters, an eighth each
+    assert rows["fsdp"].optimizer == pytest.approx(11.9014e9 * 8 / 8, rel=1e-3)
+    assert suggest(list(rows.values()), 80 * GB).strategy == "fsdp"
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     block = re.search(r"<!-- plan:flux-dev-8x80 -->\n```text\n(.*?)```", readme, re.S)
     assert block, "README lacks the plan output block"

@@ -388,8 +388,9 @@ def check(cfg: "Config", world: int) -> str:
         raise DifftuneError("parallel.strategy=fsdp works with speed.compile=regional or none, not full")
     if name == "deepspeed" and m.train_text_encoder:
         raise DifftuneError("parallel.strategy=deepspeed trains one part: set method.train_text_encoder=false, or use fsdp")
-    if name == "deepspeed" and t.optimizer != "adamw":
-        raise DifftuneError("parallel.strategy=deepspeed uses its own AdamW: set train.optimizer=adamw")
+    if name in ("fsdp", "deepspeed") and t.optimizer != "adamw":
+        raise DifftuneError(f"parallel.strategy={name} shards the optimizer states, which 8-bit AdamW cannot hold: "
+                            "set train.optimizer=adamw")
     if p.disk == "per_node" and name in ("fsdp", "deepspeed"):
         raise DifftuneError(
             f"parallel.strategy={name} writes each process's shard of a checkpoint: output_dir must be on a disk "

@@ -34,7 +34,7 @@ def plugin(cfg: Any) -> Any:
     try:
         import deepspeed  # noqa: F401
     except ImportError:
-        raise DifftuneError("parallel.strategy=deepspeed needs DeepSpeed: pip install 'difftune[deepspeed]'") from None
+        raise DifftuneError("parallel.strategy=deepspeed needs DeepSpeed: pip install deepspeed") from None
     p, t = cfg.parallel, cfg.train
     offload = "cpu" if p.cpu_offload else "none"
     ds = DeepSpeedPlugin(
