@@ -122,7 +122,8 @@ def sd_ddp(setup, tiny_sd):
 def sd_fsdp(setup, tiny_sd):
     root, config, data = setup
     out = root / "sd-fsdp"
-    extra = {**EXACT, "parallel.strategy": "fsdp", "checkpoint.every": 1, "checkpoint.keep": 2}
+    extra = {**EXACT, "parallel.strategy": "fsdp", "checkpoint.every": 1, "checkpoint.keep": 2,
+             "validation.prompts": f"['{PROMPT}']", "validation.steps": 2}  # sampled by both processes
     return out, launch(train_args(config, tiny_sd, data, out, **extra))
 
 
@@ -143,6 +144,7 @@ def test_fsdp_full_fine_tune_of_sd_equals_ddp(sd_fsdp, sd_ddp):
     assert_sharded(out)
     assert_close(part_weights(out, "unet"), part_weights(sd_ddp[0], "unet"))
     np.testing.assert_allclose(losses(out), losses(sd_ddp[0]), rtol=0, atol=1e-6)
+    assert (out / "samples" / "step-000002" / "00-00.png").is_file(), "validation sampling on sharded weights"
 
 
 def test_fsdp_full_fine_tune_of_flux_equals_one_process(setup, tiny_flux):
@@ -229,21 +231,28 @@ def test_sigkill_of_the_launcher_then_rerun_is_bit_identical(setup, tiny_sd, lor
     assert losses(out) == losses(reference)
 
 
-def test_two_machines_stand_in_trains_and_agrees_with_one(setup, tiny_sd, sd_ddp):
-    """Two launchers on this host with --num_machines 2 (one process each): what two machines sharing a
-    disk run. Same weights as one launcher with two processes."""
+def test_two_machines_with_a_disk_each_train_and_agree_with_one(setup, tiny_sd, sd_ddp):
+    """Two launchers on this host with --num_machines 2 (one process each) and a different output_dir each,
+    as two machines with their own disks (parallel.disk=per_node): each machine's main process writes its
+    checkpoints, only the global main writes logs and outputs, and the weights equal one launcher's."""
     root, config, data = setup
-    out = root / "sd-two-machines"
-    args = train_args(config, tiny_sd, data, out, **EXACT, **{"parallel.strategy": "ddp"})
+    outs = [root / "machine-0", root / "machine-1"]
     port = free_port()
-    procs = [subprocess.Popen(launcher(2, args, port, machines=2, machine_rank=r), env=env(), text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in (0, 1)]
+    procs = [subprocess.Popen(launcher(2, train_args(config, tiny_sd, data, out, **EXACT, **{
+        "parallel.strategy": "ddp", "parallel.disk": "per_node", "checkpoint.every": 1}), port, machines=2,
+        machine_rank=r), env=env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for r, out in enumerate(outs)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     line = next(line for line in outputs[0].splitlines() if line.startswith("parallel: "))
     assert line.startswith("parallel: ddp") and "2 processes on 2 machines" in line, line
     assert not any(line.startswith("parallel: ") for line in outputs[1].splitlines()), "only the global main logs"
-    assert_close(part_weights(out, "unet"), part_weights(sd_ddp[0], "unet"))
+    assert_close(part_weights(outs[0], "unet"), part_weights(sd_ddp[0], "unet"))
+    assert not (outs[1] / "unet").exists() and not (outs[1] / "logs" / "loss.jsonl").exists()
+    for rank, out in enumerate(outs):  # each disk holds a complete checkpoint with its own process's RNG
+        newest = out / "checkpoints" / "step-00000002"
+        assert (newest / "COMPLETE.json").is_file() and (newest / "trainable.safetensors").is_file()
+        assert [f.name for f in (newest / "rng").glob("*.safetensors")] == [f"rank-{rank:05d}.safetensors"]
 
 
 def test_distributed_generation_writes_the_files_of_one_process(setup, tiny_sd):
