@@ -187,15 +187,14 @@ class Parallel:
         out, keep = self.cfg.output_dir, self.cfg.checkpoint.keep
         root = checkpoints_dir(out)
         error: Exception | None = None
-        tmp = final = None
+        tmp, final = root / f".tmp-step-{step:08d}", root / f"step-{step:08d}"  # as start_checkpoint names them
         if self.is_writer:
             try:
-                tmp, final = start_checkpoint(out, step, self._checkpoint_bytes(optimizer))
+                start_checkpoint(out, step, self._checkpoint_bytes(optimizer))
             except CheckpointError as e:
                 error = e
         if self.any(error is not None):
             raise error or CheckpointError(f"another process could not start the checkpoint of step {step}")
-        tmp, final = root / f".tmp-step-{step:08d}", root / f"step-{step:08d}"
         try:
             write_rng(tmp, self.rank, *rng_state(self.device))
             self.save_weights(tmp, parts, names, optimizer, trainable_tensors)
