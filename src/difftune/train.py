@@ -173,8 +173,6 @@ def train(cfg: Config, log=print) -> Path:
     main = par.is_main
     say = log if main else (lambda *_: None)
     say(par.describe())
-    if cfg.train.precision == "fp16" and par.device.type == "cpu":
-        raise DifftuneError("train.precision=fp16 needs an accelerator (GPU, NPU, ...); use bf16 or no on a CPU")
     speed.setup(cfg, accelerator.device)  # fails here, before loading, if a speed switch cannot run
     resume_from = par.find_resume(lambda: find_resume(cfg, say))
     resumed = read_state(resume_from, verify_files=par.is_writer) if resume_from else None

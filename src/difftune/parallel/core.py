@@ -370,7 +370,11 @@ def processes() -> int:
 def check(cfg: "Config", world: int) -> str:
     """The strategy `parallel.strategy` means for `world` processes; a clear error for combinations that
     cannot run. Needs no model."""
+    import torch
+
     p, t, m = cfg.parallel, cfg.train, cfg.method
+    if t.precision == "fp16" and (not torch.accelerator.is_available() or os.environ.get("ACCELERATE_USE_CPU") == "true"):
+        raise DifftuneError("train.precision=fp16 needs an accelerator (GPU, NPU, ...); use bf16 or no on a CPU")
     name = p.strategy if p.strategy != "auto" else ("ddp" if world > 1 else "none")
     if name == "ddp" and world == 1:
         name = "none"
