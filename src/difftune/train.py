@@ -26,7 +26,11 @@ from pathlib import Path
 from . import DifftuneError
 from .checkpoint import CheckpointError, list_checkpoints, read_state
 from .config import Config, config_from_dict, to_dict, validate
+from .data.dataset import prompt_for
 from .methods import get_method
+from .reports import logs
+from .reports.run_page import refresh_run_report, write_run_facts
+from .validation import ValidationLoss, validation_items
 
 #: exit code of a run stopped by SIGTERM / SIGINT after saving a checkpoint ("try again later")
 EXIT_INTERRUPTED = 75
@@ -182,6 +186,7 @@ def train(cfg: Config, log=print) -> Path:
         check_resume_compatible(config_from_dict(yaml.safe_load(resumed["config_yaml"])), cfg, resume_from)
 
     items = build_items(cfg.data, log=say)
+    items, val_items, val_concepts = validation_items(cfg, items, say)
     data = TrainingData(items, cfg.data, multiple, cfg.train.batch_size, cfg.train.seed)
     if main:
         (out / "config.yaml").write_text(_dump_yaml(cfg))
@@ -238,7 +243,7 @@ def train(cfg: Config, log=print) -> Path:
     prompt_cache: dict[str, dict] = {}
     if text_frozen:
         text_side = PromptFeatures(family, FeatureStore(cache_root / "prompts", say) if cfg.data.cache else None)
-        prompt_cache = text_side.table(data.all_prompts())
+        prompt_cache = text_side.table(data.all_prompts() + [prompt_for(it, val_concepts[it.concept]) for it in val_items])
         say(f"prompt embeddings: {text_side.encoded} encoded, {text_side.loaded} read from the cache")
         family.after_prompt_cache()  # e.g. text encoders off the accelerator, or out of memory
     views = data.fixed_views()
@@ -259,12 +264,25 @@ def train(cfg: Config, log=print) -> Path:
         rows = [prompt_cache[p] for p in prompts]
         return {k: torch.stack([r[k] for r in rows]) for k in rows[0]} if rows and rows[0] else {}
 
+    val_loss = ValidationLoss(cfg, val_items, val_concepts, multiple,
+                              lambda d: ImageFeatures(family, d, image_store, accelerator.autocast),
+                              prompt_features) if val_items else None
+    if main:
+        write_run_facts(out, family.name, n_trainable, data, val_loss)
+
     # ---- the loop -----------------------------------------------------------------------------------
     loss_log = out / "logs" / "loss.jsonl"
     if main:
         loss_log.parent.mkdir(parents=True, exist_ok=True)
         _truncate_log(loss_log, start)
-        accelerator.init_trackers("difftune")
+        _truncate_log(out / logs.VALIDATION, start)
+        accelerator.init_trackers("difftune", init_kwargs=_tracker_options(cfg))
+        sessions = logs.SessionLog(out, start)
+    if start == 0:  # step 0: the base model, before any training
+        if val_loss is not None:
+            _validate(val_loss, family, objective, part_names, accelerator, 0)
+        if cfg.validation.prompts:
+            _samples(family, cfg, 0, par)
     world, rank, accum = par.world, par.rank, cfg.train.grad_accum
     nonfinite_run = 0
     progress = _progress(cfg.train.steps, start, main)
@@ -319,6 +337,7 @@ def train(cfg: Config, log=print) -> Path:
                     fh.write(json.dumps(record) + "\n")
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                     accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+                    sessions.progress(step)
             progress.update(1)
             progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}")
 
@@ -328,14 +347,20 @@ def train(cfg: Config, log=print) -> Path:
             if due or stopping or step == cfg.train.steps:
                 _save(family, method, part_names, cfg, step, data, optimizer, lr_scheduler, par,
                       done_before + (step - start) * accum * world)
+                if main:
+                    sessions.progress(step)
+                    refresh_run_report(out, _progress_write)  # a half-done run has a current report too
             if stopping and step < cfg.train.steps:
                 progress.close()
                 raise Interrupted(
                     f"stopped by signal {stop.signal} after step {step}; checkpoint saved in "
                     f"{out / 'checkpoints'}. Run the same command again to continue."
                 )
-            if cfg.validation.prompts and cfg.validation.every and step % cfg.validation.every == 0 and step < cfg.train.steps:
-                _samples(family, cfg, step, par)
+            if cfg.validation.every and step % cfg.validation.every == 0 and step < cfg.train.steps:
+                if val_loss is not None:
+                    _validate(val_loss, family, objective, part_names, accelerator, step)
+                if cfg.validation.prompts:
+                    _samples(family, cfg, step, par)
     progress.close()
 
     # ---- outputs ----------------------------------------------------------------------------------
@@ -344,6 +369,8 @@ def train(cfg: Config, log=print) -> Path:
     with par.full_parts(family.parts, part_names) as writer:  # gathered whole on the writer if sharded
         if writer:
             method.save(family, out, part_names)
+    if val_loss is not None:
+        _validate(val_loss, family, objective, part_names, accelerator, step)
     if cfg.validation.prompts:
         _samples(family, cfg, step, par)
     accelerator.end_training()
@@ -355,6 +382,7 @@ def train(cfg: Config, log=print) -> Path:
             facts.update(total_seconds=elapsed, seconds_per_step=elapsed / (step - start))
             say(f"trained steps {start + 1}-{step} in {elapsed:.1f}s ({elapsed / (step - start):.3f} s/step)")
         say(f"outputs in {out}; summary in {write_report(out, facts)}")
+        say(f"report: {refresh_run_report(out, say)}")
     return out
 
 
@@ -436,6 +464,23 @@ def _restore_tensors(family, method, part_names, tensors: dict) -> None:
         if not state:
             raise CheckpointError(f"checkpoint has no weights for {name}")
         method.load_state_dict(family.parts[name], state, f"checkpoint ({name})")
+
+
+def _validate(val_loss, family, objective, part_names, accelerator, step: int) -> None:
+    """Score the validation loss at `step`; log it to ``validation.jsonl`` and the trackers."""
+    value = val_loss(family, objective, part_names, accelerator.autocast)
+    if accelerator.is_main_process:
+        logs.append_jsonl(Path(family.cfg.output_dir) / logs.VALIDATION, {"step": step, "val_loss": value})
+        accelerator.log({"val_loss": value}, step=step)
+        _progress_write(f"validation loss at step {step}: {value:.5f} ({len(val_loss)} images)")
+
+
+def _tracker_options(cfg: Config) -> dict:
+    """Per-tracker init options: wandb gets the run's name, its folder under logs/ and the resolved config."""
+    if "wandb" not in cfg.train.report_to:
+        return {}
+    out = Path(cfg.output_dir)
+    return {"wandb": {"name": out.name, "dir": str(out / "logs"), "config": to_dict(cfg)}}
 
 
 def _samples(family, cfg, step, par) -> None:

@@ -420,7 +420,7 @@ def setup(cfg: "Config") -> Parallel:
         strategy_cls = DeepSpeedZero
         kwargs["deepspeed_plugin"] = plugin(cfg)
     out = Path(cfg.output_dir)
-    accelerator = Accelerator(mixed_precision=cfg.train.precision, log_with="tensorboard",
+    accelerator = Accelerator(mixed_precision=cfg.train.precision, log_with=list(cfg.train.report_to) or None,
                               project_dir=str(out / "logs"), **kwargs)
     if name != "none" and accelerator.num_processes != processes():
         raise DifftuneError(f"the launcher started {processes()} processes but {accelerator.num_processes} joined the group")
