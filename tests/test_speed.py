@@ -256,10 +256,10 @@ def test_tf32_switch_leaves_cpu_matmuls_alone():
     assert (torch.backends.cuda.matmul.fp32_precision, torch.get_float32_matmul_precision()) == before
 
 
-def test_adamw8bit_and_fp16_need_cuda(tiny_sd, tmp_path):
+def test_adamw8bit_needs_cuda_and_fp16_an_accelerator(tiny_sd, tmp_path):
     data = make_images(tmp_path / "data", caption=PROMPT)
     for key, value, needs in (("train.optimizer", "adamw8bit", "needs a CUDA GPU"),
-                              ("train.precision", "fp16", "needs a CUDA GPU")):
+                              ("train.precision", "fp16", "needs an accelerator")):
         cfg = load_config(None, base_overrides(tiny_sd, data, tmp_path / key, **{key: value}))
         with pytest.raises(DifftuneError, match=needs):
             train(cfg, log=quiet)

@@ -665,7 +665,7 @@ def _run_train(case: Case, cfg: Any, preset: Preset, device: Any, weight_dtype: 
 
     def train_step(k: int) -> None:
         with accelerator.autocast():
-            loss = _micro_step(family, objective, batch, image_features, prompt_features, micro_seed(0, k, 0))
+            loss = _micro_step(family, objective, batch, image_features, prompt_features, micro_seed(0, k))
         finite = bool(torch.isfinite(loss))  # the loop checks every loss (one sync per step, as there)
         accelerator.backward(loss)
         if max_norm is not None:

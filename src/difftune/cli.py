@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
               "time a training step (or generation) against the machine's limit: s/step, memory, MFU"),
     "config": ("difftune.commands:add_config_arguments:run_config:CONFIG_EXAMPLES",
                "print the config reference or check a config file"),
+    "plan": ("difftune.parallel.plan:add_arguments:run:EXAMPLES",
+             "estimate per-device memory of a config under each parallel strategy, and suggest one"),
     "data": ("difftune.data.check:add_arguments:run:EXAMPLES",
              "check training data: counts, sizes, aspect ratios, captions and problems per file"),
     "sweep": ("difftune.sweeps.runner:add_arguments:run:EXAMPLES",

@@ -261,6 +261,29 @@ class SpeedConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Several processes (`accelerate launch`): how the trained weights are spread over them (parallel/)."""
+
+    strategy: Literal["auto", "ddp", "fsdp", "deepspeed"] = _f(
+        "auto",
+        "`auto`: `ddp` with several processes, none with one; `ddp` replicates the trained weights; `fsdp` shards "
+        "them, their gradients and optimizer states (FSDP2, one unit per block); `deepspeed` uses DeepSpeed ZeRO "
+        "through accelerate (`pip install deepspeed`; GPUs only, untested). `difftune plan CONFIG` says which fits.",
+    )
+    zero_stage: Literal[2, 3] = _f(3, "DeepSpeed ZeRO stage: 2 shards gradients and optimizer states, 3 weights too.")
+    cpu_offload: bool = _f(
+        False, "`fsdp` / `deepspeed`: keep sharded weights and optimizer states in CPU memory (slower, much less "
+        "accelerator memory)."
+    )
+    disk: Literal["shared", "per_node"] = _f(
+        "shared",
+        "`shared`: output_dir is one folder every machine sees (written by the global main process); `per_node`: "
+        "each machine has its own disk, checkpoints and caches are written by each machine's main process "
+        "(`ddp` only; final outputs land on the first machine).",
+    )
+
+
+@dataclass
 class Config:
     """A difftune training run."""
 
@@ -272,6 +295,7 @@ class Config:
     checkpoint: CheckpointConfig = _f(factory=CheckpointConfig, doc="Checkpoints and resume.")
     validation: ValidationConfig = _f(factory=ValidationConfig, doc="Samples during training.")
     speed: SpeedConfig = _f(factory=SpeedConfig, doc="Speed and memory switches.")
+    parallel: ParallelConfig = _f(factory=ParallelConfig, doc="Several processes and machines.")
     output_dir: str = _f("", "Where everything lands: weights, checkpoints, samples, logs, the resolved config.",
                          path="local")
 

@@ -7,21 +7,24 @@ accumulate micro-batches, clip, step, log, checkpoint, sample. Finally write the
 format the matching diffusers pipeline loads.
 
 Exactness: batch contents, augmentation, noise and timesteps are pure functions of
-``(seed, micro-batch number, process)``; the remaining global RNG use (e.g. LoRA dropout) is saved
-and restored with the checkpoint. A run killed at any moment and restarted therefore ends with the
-same weights as an uninterrupted one (bit for bit on CPU).
+``(seed, global micro-batch number)``; the remaining global RNG use (e.g. LoRA dropout) is saved
+and restored with the checkpoint, per process. A run killed at any moment and restarted therefore ends
+with the same weights as an uninterrupted one (bit for bit on CPU), and N processes with grad_accum 1
+see the same micro-batches per step as one process with grad_accum N.
+
+Several processes: everything that depends on the strategy (DDP, FSDP, DeepSpeed) is behind the
+`difftune.parallel.Parallel` object the loop holds; the loop never asks which one it has.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import random
 import signal
 import time
 from pathlib import Path
 from . import DifftuneError
-from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, list_checkpoints, read_state
 from .config import Config, config_from_dict, to_dict
 from .data.dataset import prompt_for
 from .methods import get_method
@@ -46,9 +49,9 @@ class Interrupted(DifftuneError):
     exit_code = EXIT_INTERRUPTED
 
 
-def micro_seed(seed: int, k: int, rank: int) -> int:
-    """A seed for global micro-batch `k` on process `rank`: noise and timesteps replay exactly."""
-    digest = hashlib.sha256(f"{seed}:{k}:{rank}".encode()).digest()
+def micro_seed(seed: int, k: int) -> int:
+    """A seed for global micro-batch `k` (unique over processes): noise and timesteps replay exactly."""
+    digest = hashlib.sha256(f"{seed}:{k}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
@@ -97,37 +100,6 @@ def find_resume(cfg: Config, log) -> Path | None:
 # -----------------------------------------------------------------------------------------------
 
 
-def _rng_state() -> tuple[dict, dict]:
-    import numpy as np
-    import torch
-
-    tensors = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda_{i}"] = s
-    py = random.getstate()
-    npstate = np.random.get_state()
-    plain = {
-        "python": [py[0], list(py[1]), py[2]],
-        "numpy": [npstate[0], npstate[1].tolist(), int(npstate[2]), int(npstate[3]), float(npstate[4])],
-    }
-    return tensors, plain
-
-
-def _set_rng_state(tensors: dict, plain: dict) -> None:
-    import numpy as np
-    import torch
-
-    torch.set_rng_state(tensors["torch_cpu"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda_"))]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-    py = plain["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = plain["numpy"]
-    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-
-
 def _make_optimizer(cfg: Config, groups: list[dict]):
     import torch
 
@@ -136,8 +108,8 @@ def _make_optimizer(cfg: Config, groups: list[dict]):
     t = cfg.train
     kwargs = dict(betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay)
     if t.optimizer == "adamw8bit":
-        if not torch.cuda.is_available():
-            raise DifftuneError("train.optimizer=adamw8bit needs a CUDA GPU (bitsandbytes); use adamw on this machine")
+        if not torch.cuda.is_available():  # bitsandbytes' 8-bit AdamW kernels are CUDA kernels
+            raise DifftuneError("train.optimizer=adamw8bit needs a CUDA GPU (bitsandbytes); use adamw on this device")
         try:
             import bitsandbytes as bnb
         except ImportError:
@@ -209,10 +181,9 @@ def train(cfg: Config, log=print, progress: str = "auto") -> Path:
 
 def _train(cfg: Config, checked, log, progress_mode: str) -> Path:
     import torch
-    from accelerate import Accelerator
     from diffusers.optimization import get_scheduler
 
-    from . import speed
+    from . import parallel, speed
     from .data.cache import FeatureStore, ImageFeatures, PromptFeatures
     from .data.dataset import TrainingData
     from .preflight import check_steps
@@ -222,14 +193,14 @@ def _train(cfg: Config, checked, log, progress_mode: str) -> Path:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    accelerator = Accelerator(
-        mixed_precision=cfg.train.precision, log_with=list(cfg.train.report_to) or None, project_dir=str(out / "logs")
-    )
-    main = accelerator.is_main_process
+    par = parallel.setup(cfg)  # the strategy (DDP, FSDP, DeepSpeed) and the processes; fails early if it cannot run
+    accelerator = par.accelerator
+    main = par.is_main
     say = log if main else (lambda *_: None)
+    say(par.describe())
     speed.setup(cfg, accelerator.device)  # fails here, before loading, if a speed switch cannot run
-    resume_from = find_resume(cfg, say)
-    resumed = load_checkpoint(resume_from) if resume_from else None
+    resume_from = par.find_resume(lambda: find_resume(cfg, say))
+    resumed = read_state(resume_from, verify_files=par.is_writer) if resume_from else None
     if resumed:
         import yaml
 
@@ -253,6 +224,8 @@ def _train(cfg: Config, checked, log, progress_mode: str) -> Path:
         method.start(family, part_names, say)
     speed.apply(family.parts[family.denoiser], cfg, weight_dtype, family.block_lists, accelerator.device)
     say(f"speed: {speed.describe(cfg)}")
+    say(par.plan_line(family, part_names))
+    par.shard(family, part_names)  # FSDP: one unit per block; the optimizer below then holds shards
 
     groups = []
     for name in part_names:
@@ -264,18 +237,28 @@ def _train(cfg: Config, checked, log, progress_mode: str) -> Path:
         cfg.train.lr_scheduler, optimizer, num_warmup_steps=cfg.train.lr_warmup_steps,
         num_training_steps=cfg.train.steps,
     )
-    for name in part_names:  # block swap keeps weights on the host: accelerate must not move them to the device
-        placement = not (name == family.denoiser and cfg.speed.block_swap)
-        family.parts[name] = accelerator.prepare(family.parts[name], device_placement=[placement])
-    optimizer = accelerator.prepare(optimizer)
+    # block swap keeps the denoiser's weights on the host: accelerate must not move them to the device
+    on_host = frozenset({family.denoiser} if cfg.speed.block_swap else ())
+    optimizer, lr_scheduler = par.prepare(family.parts, part_names, optimizer, lr_scheduler, on_host)
     objective = family.make_objective()
     say(f"{family.name} {method.label()}: {n_trainable:,} trainable parameters in {', '.join(part_names)}")
 
     start = 0
+    # global micro-batches consumed before this run's first step (the data position, whatever the process count)
+    done_before = 0
     if resumed:
-        _restore(family, method, part_names, resumed, optimizer, lr_scheduler, accelerator)
-        start = resumed["state"]["step"]
+        state = resumed["state"]
+        par.load_checkpoint(resume_from, family.parts, part_names, optimizer,
+                            lambda tensors: _restore_tensors(family, method, part_names, tensors))
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if accelerator.scaler is not None and state.get("scaler"):
+            accelerator.scaler.load_state_dict(state["scaler"])
+        start = state["step"]
+        done_before = state.get("global_micro_batches", start * cfg.train.grad_accum * par.world)
         say(f"resuming from {resume_from} (step {start} of {cfg.train.steps})")
+        if state.get("processes", par.world) != par.world:
+            say(f"the checkpoint was written by {state['processes']} processes, this run has {par.world}: it continues "
+                "from the same weights and data position (not bit-identical to an uninterrupted run)")
 
     # ---- feature caches: frozen encoders see each prompt and image view once, results kept on disk ----
     cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "cache"
@@ -290,9 +273,10 @@ def _train(cfg: Config, checked, log, progress_mode: str) -> Path:
     image_store = FeatureStore(cache_root / "images", say) if cfg.data.cache and views is not None else None
     image_features = ImageFeatures(family, data, image_store, accelerator.autocast)
     if image_store is not None:
-        encoded = image_features.prepare(views, accelerator.process_index, accelerator.num_processes, main)
-        accelerator.wait_for_everyone()
-        encoded = int(accelerator.reduce(torch.tensor(encoded, device=accelerator.device), "sum"))
+        index, count = par.cache_share()  # each disk's cache is filled by the processes that see it
+        encoded = image_features.prepare(views, index, count, main)
+        par.barrier()
+        encoded = par.total(encoded) // par.machines if cfg.parallel.disk == "per_node" else par.total(encoded)
         say(f"image features: {encoded} encoded, {len(views) - encoded} read from the cache in {cache_root}")
     elif cfg.data.cache:
         say("data.crop=random: image features are encoded at every step, not cached (each epoch's crops differ)")
@@ -321,8 +305,8 @@ def _train(cfg: Config, checked, log, progress_mode: str) -> Path:
         if val_loss is not None:
             _validate(val_loss, family, objective, part_names, accelerator, 0, say)
         if cfg.validation.prompts:
-            _samples(family, cfg, 0, accelerator, say)
-    world, rank, accum = accelerator.num_processes, accelerator.process_index, cfg.train.grad_accum
+            _samples(family, cfg, 0, par, say)
+    world, rank, accum = par.world, par.rank, cfg.train.grad_accum
     nonfinite_run = 0
     progress = TrainProgress(cfg.train.steps, start, cfg.train.log_every, progress_mode if main else "off", say)
     step = start
@@ -332,27 +316,28 @@ def _train(cfg: Config, checked, log, progress_mode: str) -> Path:
             t_step = time.perf_counter()
             losses, bad_paths = [], []
             for micro in range(accum):
-                k = (step * accum + micro) * world + rank
+                # the global micro-batch number: process `rank` takes every `world`-th one
+                k = done_before + ((step - start) * accum + micro) * world + rank
                 batch = data.batch(k, pixels=False)
                 sync = micro == accum - 1
                 try:
-                    with accelerator.autocast(), _no_sync(accelerator, family, part_names, sync):
+                    with accelerator.autocast(), par.no_sync(family.parts, part_names, sync):
                         loss = _micro_step(family, objective, batch, image_features, prompt_features,
-                                           micro_seed(cfg.train.seed, k, rank))
+                                           micro_seed(cfg.train.seed, k))
                         if not torch.isfinite(loss):
                             bad_paths += batch["paths"]
-                        accelerator.backward(loss / accum)
+                        par.backward(loss / accum)
                 except torch.OutOfMemoryError:
                     raise DifftuneError(_oom_message(cfg)) from None
                 losses.append(loss.detach().float())
             params = [p for g in groups for p in g["params"]]
             grad_norm = None
             if cfg.train.max_grad_norm is not None:
-                grad_norm = accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
+                grad_norm = par.clip_grad_norm(params, cfg.train.max_grad_norm)
             finite = not bad_paths and (grad_norm is None or bool(torch.isfinite(torch.as_tensor(grad_norm))))
-            finite = bool(accelerator.reduce(torch.tensor(float(not finite), device=accelerator.device), "max") == 0)
+            finite = not par.any(not finite)
             if finite:
-                optimizer.step()
+                par.optimizer_step(optimizer)
                 nonfinite_run = 0
             else:
                 nonfinite_run += 1
@@ -367,7 +352,7 @@ def _train(cfg: Config, checked, log, progress_mode: str) -> Path:
             lr_scheduler.step()
             step += 1
 
-            loss_value = float(torch.stack(losses).mean())
+            loss_value = par.mean(torch.stack(losses).mean())  # the global batch's loss
             # the step's own duration: report.md sums them, so timings cover every resumed part of a run
             record = {"step": step, "loss": loss_value, "lr": lr_used, "seconds": round(time.perf_counter() - t_step, 4)}
             if grad_norm is not None:
@@ -380,11 +365,12 @@ def _train(cfg: Config, checked, log, progress_mode: str) -> Path:
                     sessions.progress(step)
             progress.update(step, loss_value, lr_used)
 
-            stopping = bool(accelerator.reduce(torch.tensor(float(stop.signal is not None), device=accelerator.device), "max"))
+            stopping = par.any(stop.signal is not None)
             # the last step is checkpointed too, so a rerun with more steps continues from it
             due = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
             if due or stopping or step == cfg.train.steps:
-                _save(family, method, part_names, cfg, step, data, optimizer, lr_scheduler, accelerator, progress.note)
+                _save(family, method, part_names, cfg, step, data, optimizer, lr_scheduler, par,
+                      done_before + (step - start) * accum * world, progress.note)
                 if main:
                     sessions.progress(step)
                     refresh_run_report(out, progress.note)  # a half-done run has a current report too
@@ -398,19 +384,19 @@ def _train(cfg: Config, checked, log, progress_mode: str) -> Path:
                 if val_loss is not None:
                     _validate(val_loss, family, objective, part_names, accelerator, step, progress.note)
                 if cfg.validation.prompts:
-                    _samples(family, cfg, step, accelerator, progress.note)
+                    _samples(family, cfg, step, par, progress.note)
     progress.close()
 
     # ---- outputs ----------------------------------------------------------------------------------
     elapsed = time.time() - t0
-    accelerator.wait_for_everyone()
-    if main:
-        _check_finite(family, method, part_names)
-        method.save(family, out, part_names)
+    _check_finite(family, method, part_names, par)
+    with par.full_parts(family.parts, part_names) as writer:  # gathered whole on the writer if sharded
+        if writer:
+            method.save(family, out, part_names)
     if val_loss is not None:
         _validate(val_loss, family, objective, part_names, accelerator, step, say)
     if cfg.validation.prompts:
-        _samples(family, cfg, step, accelerator, say)
+        _samples(family, cfg, step, par, say)
     accelerator.end_training()
     if main:
         from .report import write_report
@@ -459,18 +445,6 @@ def _micro_step(family, objective, batch, image_features, prompt_features, seed:
     return (per_sample * objective.weights(t).float()).mean()
 
 
-def _no_sync(accelerator, family, part_names, sync: bool):
-    """Skip the DDP gradient all-reduce on micro-batches before the last of an optimizer step."""
-    import contextlib
-
-    if sync or accelerator.num_processes == 1:
-        return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    for name in part_names:
-        stack.enter_context(accelerator.no_sync(family.parts[name]))
-    return stack
-
-
 def _trainable_tensors(family, method, part_names) -> dict:
     tensors = {}
     for name in part_names:
@@ -479,54 +453,41 @@ def _trainable_tensors(family, method, part_names) -> dict:
     return tensors
 
 
-def _check_finite(family, method, part_names) -> None:
-    import torch
-
+def _check_finite(family, method, part_names, par) -> None:
+    """Collective: every process checks the weights it holds (its shards, when sharded)."""
     for name in part_names:
-        for p in method.trainable_parameters(family.parts[name]):
-            if not torch.isfinite(p).all():
-                raise DifftuneError(f"{name} has non-finite weights; nothing was saved (the last checkpoint is intact)")
+        if not par.all_finite(method.trainable_parameters(family.parts[name])):
+            raise DifftuneError(f"{name} has non-finite weights; nothing was saved (the last checkpoint is intact)")
 
 
-def _save(family, method, part_names, cfg, step, data, optimizer, lr_scheduler, accelerator, note) -> None:
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        _check_finite(family, method, part_names)
-        rng_tensors, rng_plain = _rng_state()
-        epoch, _ = data.plan.batch(step * cfg.train.grad_accum * accelerator.num_processes)
-        state = {
-            "step": step,
-            "epoch": epoch,
-            "micro_batches_done": step * cfg.train.grad_accum,
-            "lr_scheduler": lr_scheduler.state_dict(),
-            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-            "rng": rng_plain,
-        }
-        t = time.time()
-        path = save_checkpoint(
-            cfg.output_dir, step, _trainable_tensors(family, method, part_names), optimizer.state_dict(),
-            rng_tensors, state, _dump_yaml(cfg), cfg.checkpoint.keep,
-        )
+def _save(family, method, part_names, cfg, step, data, optimizer, lr_scheduler, par, global_micro_batches: int,
+          note) -> None:
+    accelerator = par.accelerator
+    _check_finite(family, method, part_names, par)
+    epoch, _ = data.plan.batch(global_micro_batches)
+    state = {
+        "step": step,
+        "epoch": epoch,
+        "global_micro_batches": global_micro_batches,
+        "processes": par.world,
+        "lr_scheduler": lr_scheduler.state_dict(),
+        "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+    }
+    t = time.time()
+    path = par.save_checkpoint(step, family.parts, part_names, optimizer,
+                               lambda: _trainable_tensors(family, method, part_names), state, _dump_yaml(cfg))
+    if par.is_main:
         note(f"checkpoint {path.name} saved in {time.time() - t:.1f}s")
-    accelerator.wait_for_everyone()
 
 
-def _restore(family, method, part_names, resumed, optimizer, lr_scheduler, accelerator) -> None:
-    tensors = resumed["tensors"]
+def _restore_tensors(family, method, part_names, tensors: dict) -> None:
+    """Load a checkpoint's ``trainable.safetensors`` (keys prefixed with the part name) into the parts."""
     for name in part_names:
         prefix = f"{name}."
         state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         if not state:
             raise CheckpointError(f"checkpoint has no weights for {name}")
         method.load_state_dict(family.parts[name], state, f"checkpoint ({name})")
-    try:
-        optimizer.load_state_dict(resumed["optimizer"])
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"checkpoint optimizer state does not fit this run: {e}") from None
-    lr_scheduler.load_state_dict(resumed["state"]["lr_scheduler"])
-    if accelerator.scaler is not None and resumed["state"].get("scaler"):
-        accelerator.scaler.load_state_dict(resumed["state"]["scaler"])
-    _set_rng_state(resumed["rng"], resumed["state"]["rng"])
 
 
 def _validate(val_loss, family, objective, part_names, accelerator, step: int, note) -> None:
@@ -546,13 +507,15 @@ def _tracker_options(cfg: Config) -> dict:
     return {"wandb": {"name": out.name, "dir": str(out / "logs"), "config": to_dict(cfg)}}
 
 
-def _samples(family, cfg, step, accelerator, note) -> None:
-    """Validation images for `cfg.validation.prompts` into ``samples/step-N/``."""
+def _samples(family, cfg, step, par, note) -> None:
+    """Validation images for `cfg.validation.prompts` into ``samples/step-N/`` (written by the main process;
+    with sharded weights every process runs the same forward passes, which need them all)."""
     import torch
 
     from .inference.naming import save_image
 
-    if not accelerator.is_main_process:
+    accelerator, main = par.accelerator, par.is_main
+    if not main and not par.sample_on_every_rank:
         return
     v = cfg.validation
     folder = Path(cfg.output_dir) / "samples" / f"step-{step:08d}"  # numbered as checkpoints are
@@ -571,7 +534,7 @@ def _samples(family, cfg, step, accelerator, note) -> None:
                 generator = torch.Generator("cpu").manual_seed(v.seed)
                 images = family.sample(pipe, prompt, steps=v.steps, guidance=guidance, width=size, height=size,
                                        generator=generator, num=v.num_images)
-                for j, image in enumerate(images):
+                for j, image in enumerate(images if main else []):
                     save_image(image, folder / f"{i:02d}-{j:02d}.png", {
                         "prompt": prompt, "seed": v.seed, "steps": v.steps, "guidance": guidance,
                         "model": cfg.model.path, "training_step": step, "image_index": j,
@@ -581,7 +544,8 @@ def _samples(family, cfg, step, accelerator, note) -> None:
             m.train()
         if not cfg.method.train_text_encoder:
             family.after_prompt_cache()  # the text encoders leave again, as after caching
-    note(f"samples for step {step} in {folder}")
+    if main:
+        note(f"samples for step {step} in {folder}")
 
 
 def _truncate_log(path: Path, step: int) -> None:

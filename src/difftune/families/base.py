@@ -46,11 +46,11 @@ class Preset:
 
 
 def unwrap(module: Any) -> Any:
-    """The plain module under DDP / torch.compile wrappers."""
+    """The plain module under DDP / DeepSpeed / torch.compile wrappers."""
     while True:
         if hasattr(module, "_orig_mod"):
             module = module._orig_mod
-        elif module.__class__.__name__ in ("DistributedDataParallel", "DataParallel") and hasattr(module, "module"):
+        elif module.__class__.__name__ in ("DistributedDataParallel", "DataParallel", "DeepSpeedEngine") and hasattr(module, "module"):
             module = module.module
         else:
             return module
@@ -214,6 +214,9 @@ class Family:
     schedulers: ClassVar[tuple[str, ...]] = ()
     #: the one-file checkpoint layout `save_single_file` writes (``difftune merge --format single-file``), or None
     single_file_format: ClassVar[str | None] = None
+    #: per part, the block classes that each become one FSDP unit (``parallel.strategy: fsdp``); a part not
+    #: named here uses its model's own ``_no_split_modules`` (diffusers and transformers set them)
+    fsdp_blocks: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def __init__(self, cfg: "Config", device: "torch.device", weight_dtype: "torch.dtype"):
         self.cfg = cfg
@@ -252,6 +255,11 @@ class Family:
         """What the family's diffusers pipeline requires of image sides on its own. Default: the
         autoencoder factor."""
         return vae_factor
+
+    @classmethod
+    def shard_blocks(cls, part: str, module: Any) -> tuple[str, ...]:
+        """Class names of the blocks of `part` that are sharded as one unit each (see `fsdp_blocks`)."""
+        return tuple(cls.fsdp_blocks.get(part) or getattr(module, "_no_split_modules", None) or ())
 
     # ---- loading -----------------------------------------------------------------------------
 

@@ -27,7 +27,8 @@ from . import controlnet as cn
 from . import schedulers
 from .img2img import check_strength, fit, open_image, round_trip, zero_steps
 from .loras import LoraSpec, check_exists, check_family, check_fits_files, inspect, parse_spec
-from .naming import append_record, contact_sheet, save_new_image, slug
+from ..parallel.generation import agreed, share
+from .naming import append_record, contact_sheet, next_number, save_new_image, slug
 
 EXAMPLES = """examples:
   difftune generate --model runs/tiny-sd-full --prompt "a photo of sks dog" --out out/
@@ -203,7 +204,8 @@ def generate(
             cn.depth(None, None)  # the one-line "needs --depth-model" error, before loading anything
 
     family_cls = p.family
-    dev = pick_device(device)
+    indices, launched_on = share(num)  # under `accelerate launch`: this process's images and device
+    dev = launched_on if launched_on is not None and device == "auto" else pick_device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     pipe = family_cls.load_pipeline(model, dev, dtype, extra or {})
     family_cls.apply_loras(pipe, p.loras)
@@ -252,7 +254,9 @@ def generate(
     params.update({k: v for k, v in (extra or {}).items() if v})
 
     paths, images = [], []
-    for i in range(num):
+    # the number of image 0's file, the same in every process, so the files equal a one-process run's
+    first_number = agreed(lambda: next_number(out_dir))
+    for i in indices:
         generator = torch.Generator("cpu").manual_seed(seed + i)
         if p.init_image is not None and zero_steps(steps, strength):
             image = round_trip(pipe, family_cls.autoencoder, inputs["image"])
@@ -260,12 +264,12 @@ def generate(
             (image,) = family_cls.sample(pipe, prompt, steps=steps, guidance=guidance, width=p.width,
                                          height=p.height, generator=generator, num=1, **inputs)
         record = {**params, "seed": seed + i, "width": image.size[0], "height": image.size[1]}
-        path = save_new_image(image, out_dir, f"{name}-seed{seed + i}", record)
+        path = save_new_image(image, out_dir, f"{name}-seed{seed + i}", record, number=first_number + i)
         append_record(out_dir, {"file": path.name, **record})
         paths.append(path)
         images.append(image)
     if grid:
-        sheet = contact_sheet(images, [f"seed {seed + i}" for i in range(num)], prompt)
+        sheet = contact_sheet(images, [f"seed {seed + i}" for i in indices], prompt)
         paths.append(save_new_image(sheet, out_dir, f"grid-{name}", {"prompt": prompt, "images": [q.name for q in paths]}))
     return paths
 

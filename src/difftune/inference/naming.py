@@ -53,15 +53,16 @@ def save_image(image: Any, path: Path, params: dict) -> None:
     os.replace(tmp, path)
 
 
-def save_new_image(image: Any, folder: Path, stem: str, params: dict | None = None) -> Path:
-    """Write `image` as ``folder/NNNN-{stem}.png`` under the next free number; never replaces a file.
+def save_new_image(image: Any, folder: Path, stem: str, params: dict | None = None, number: int | None = None) -> Path:
+    """Write `image` as ``folder/NNNN-{stem}.png`` under the next free number (from `number` on, when
+    given: several processes of one run agree on their images' numbers so); never replaces a file.
 
     `params` go into the PNG text chunks. Returns the path written.
     """
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{os.getpid()}-{stem}.png.tmp"
     image.save(tmp, format="PNG", pnginfo=png_info(params) if params else None)
-    number = next_number(folder)
+    number = next_number(folder) if number is None else number
     try:
         while True:
             path = folder / f"{number:04d}-{stem}.png"

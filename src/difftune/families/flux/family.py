@@ -114,6 +114,7 @@ class Flux(Family):
     def pipeline_multiple(cls, vae_factor: int) -> int:
         """FluxPipeline resizes sides that are not multiples of ``vae_scale_factor * 2``."""
         return vae_factor * 2
+    fsdp_blocks = {"transformer": ("FluxTransformerBlock", "FluxSingleTransformerBlock")}
 
     def __init__(self, cfg, device, weight_dtype):
         super().__init__(cfg, device, weight_dtype)

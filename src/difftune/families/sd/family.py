@@ -25,6 +25,8 @@ class StableDiffusion(Family):
     lora_targets = {"unet": ATTENTION, "text_encoder": CLIP_ATTENTION}
     block_lists = ("down_blocks", "mid_block", "up_blocks")
     default_guidance = 7.5
+    fsdp_blocks = {"unet": ("CrossAttnDownBlock2D", "DownBlock2D", "UNetMidBlock2DCrossAttn", "CrossAttnUpBlock2D",
+                            "UpBlock2D"), "text_encoder": ("CLIPEncoderLayer",)}
     task_pipelines = {
         "text2img": "StableDiffusionPipeline", "img2img": "StableDiffusionImg2ImgPipeline",
         "inpaint": "StableDiffusionInpaintPipeline", "controlnet": "StableDiffusionControlNetPipeline",
