@@ -50,7 +50,12 @@ EXAMPLES = """examples:
   difftune tiny sd runs/tiny-sd
   difftune tiny flux runs/tiny-flux --seed 1
   difftune tiny kandinsky22 runs/tiny-k22      # writes runs/tiny-k22/prior and runs/tiny-k22/decoder
+  difftune tiny world-sd world-sd              # the shipped world base model (trained, not random)
+  difftune tiny world-flux world-flux
 """
+
+WORLD = ("world-sd", "world-flux")
+"""The shipped, pretrained world base models (`difftune.world`), written out by the same command."""
 
 _CLIP_TARGET_VOCAB = 1000
 _T5_TARGET_VOCAB = 1000
@@ -584,13 +589,19 @@ def make_tiny(family: str, out_dir: str | Path, seed: int = 0, **overrides: Any)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the arguments of ``difftune tiny FAMILY OUT_DIR [--seed N]`` to `parser`."""
-    parser.add_argument("family", choices=FAMILIES, help="model family to build")
+    parser.add_argument("family", choices=FAMILIES + WORLD, help="model family to build, or a world base model")
     parser.add_argument("out_dir", type=Path, help="folder to write the pipeline(s) to")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``difftune tiny``: build the tiny pipeline(s), print where they went, return exit code 0."""
+    if args.family in WORLD:
+        from .world.models import write_shipped
+
+        out_dir = write_shipped(args.family.split("-", 1)[1], args.out_dir)
+        print(f"wrote the pretrained {args.family} base model to {out_dir}; sample at 64x64 px (see its README.md)")
+        return 0
     out_dir = make_tiny(args.family, args.out_dir, seed=args.seed)
     resolution = TINY_RESOLUTION[args.family]
     if args.family == "kandinsky22":
