@@ -52,15 +52,13 @@ def labels(array: np.ndarray) -> np.ndarray:
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
-    """`mask` plus every empty region not connected to the image border."""
-    free = ~mask
-    reach = np.zeros_like(mask)
-    reach[0, :], reach[-1, :], reach[:, 0], reach[:, -1] = free[0, :], free[-1, :], free[:, 0], free[:, -1]
-    while True:
-        grown = scenes.dilate(reach, 1) & free
-        if (grown == reach).all():
-            return ~reach
-        reach = grown
+    """`mask` plus every empty region not connected to the image border (PIL's flood fill)."""
+    from PIL import Image, ImageDraw
+
+    padded = np.pad(mask, 1).astype(np.uint8) * 255  # a free frame connects the whole border
+    image = Image.fromarray(padded, "L").copy()
+    ImageDraw.floodfill(image, (0, 0), 128)
+    return (np.asarray(image) != 128)[1:-1, 1:-1]
 
 
 def _largest_blob(mask: np.ndarray) -> np.ndarray:
