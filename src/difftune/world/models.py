@@ -154,7 +154,7 @@ def set_latent_scaling(vae, family: str, mean: float, std: float) -> None:
         vae.register_to_config(scaling_factor=round(1.0 / std, 4))
 
 
-def write_card(out: Path, family: str, meta: dict, timings: dict) -> None:
+def write_card(out: Path, family: str, meta: dict, timings: dict, note: str = "") -> None:
     """A model card (README.md) saying what the model is and how it was made."""
     sizes = {str(f.relative_to(out)): f.stat().st_size for f in sorted(out.rglob("*.safetensors"))
              if "work" not in f.relative_to(out).parts}
@@ -172,12 +172,14 @@ orange, purple; shapes: circle, square, triangle. It has never seen the held-out
 (zdots, zcheck, zrim), the places (zkrem, zmgu, zcity) or 64 (colour, shape, background) triples;
 those are for fine-tuning and for measuring generalisation (`difftune world bench`).
 
-Made by `difftune world pretrain {family} OUT --minutes {meta['minutes']:g}` (seed {meta['seed']}), on
+Made by `difftune world pretrain {family} OUT --vae-steps {meta['vae_steps']} --denoiser-steps {meta['denoiser_steps']}`
+(seed {meta['seed']}), on
 2 CPU cores: a VAE stage ({meta['vae_steps']} steps of {meta['vae_batch']} images: world scenes and
 random textures), then an ordinary difftune full fine-tune of the random-initialised denoiser
 ({meta['denoiser_steps']} steps of {meta['batch']} images, {meta['images']} rendered scenes, 10% caption
 dropout, lr {meta['lr']}, cosine). Text encoders: random, frozen; tokenizers: byte-level.
 Wall time in minutes: {json.dumps(minutes)}. Weights stored in float16.
+{note}
 
 ```python
 from diffusers import {PIPELINES[family]}
