@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 import torch  # this module is imported by train.py and bench.py at run time only, never by the CLI
 
 from . import DifftuneError
+from .methods import get_method_class
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from .config import Config
@@ -65,10 +66,11 @@ def setup(cfg: "Config", device: torch.device) -> None:
     """Check that every speed switch can run on `device`, then set the global matmul flags."""
     s = cfg.speed
     cuda = device.type == "cuda"
-    if s.base_weights != "auto" and cfg.method.kind != "lora":
+    if s.base_weights != "auto" and not get_method_class(cfg.method.kind).adapter:
         raise DifftuneError(
             f"speed.base_weights={s.base_weights} stores the frozen base weights in low precision, which only "
-            "LoRA has; use method.kind=lora or speed.base_weights=auto"
+            f"adapter methods (LoRA) have, not method.kind={cfg.method.kind}; use method.kind=lora or "
+            "speed.base_weights=auto"
         )
     if s.base_weights == "nf4":
         try:
@@ -93,6 +95,11 @@ def setup(cfg: "Config", device: torch.device) -> None:
         precision = "tf32" if s.tf32 else "ieee"
         torch.backends.cuda.matmul.fp32_precision = precision
         torch.backends.cudnn.conv.fp32_precision = precision
+        # PyTorch SDPA may pick its cuDNN kernel on Hopper. On an H200 (torch 2.11, CUDA 13) that choice made
+        # the backward of a FLUX.1 LoRA step fail with an illegal memory access; the flash and
+        # memory-efficient kernels ran it (BENCHMARKS.md). `native` therefore leaves cuDNN out; the
+        # `_native_cudnn` backend still asks for it explicitly.
+        torch.backends.cuda.enable_cudnn_sdp(s.attention_backend == "_native_cudnn")
 
 
 def _check_attention_backend(name: str, device: torch.device) -> None:

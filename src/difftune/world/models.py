@@ -51,7 +51,7 @@ def write_shipped(family: str, out: str | Path) -> Path:
 def _clip_config(tokenizer, hidden: int = 64):
     from transformers import CLIPTextConfig
 
-    from ..tiny import CLIP_MAX_LENGTH
+    from ..families.tiny_parts import CLIP_MAX_LENGTH
 
     return CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
@@ -76,7 +76,7 @@ def build(family: str, seed: int = 0):
     """A random-initialised world pipeline of `family` (weights from `seed`)."""
     import torch
 
-    from .. import tiny
+    from ..families import tiny_parts as tiny
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -115,7 +115,7 @@ def _build_flux(tokenizer, text_encoder):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
-    from .. import tiny
+    from ..families import tiny_parts as tiny
 
     tokenizer_2 = tiny.t5_tokenizer()
     text_encoder_2 = T5EncoderModel(T5Config(
@@ -139,11 +139,11 @@ def _build_flux(tokenizer, text_encoder):
 
 def write_tokenizer_files(family: str, folder: Path) -> None:
     """Also write the classic tokenizer files (CLIP ``vocab.json``/``merges.txt``, T5 ``spiece.model``)."""
-    from .. import tiny
+    from ..families import tiny_parts
 
-    tiny._write_clip_vocab_files(folder / "tokenizer")
+    tiny_parts.write_clip_vocab_files(folder / "tokenizer")
     if family == "flux":
-        tiny._write_spiece_model(folder / "tokenizer_2")
+        tiny_parts.write_spiece_model(folder / "tokenizer_2")
 
 
 def set_latent_scaling(vae, family: str, mean: float, std: float) -> None:
