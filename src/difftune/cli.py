@@ -32,6 +32,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                "print the config reference or check a config file"),
     "plan": ("difftune.parallel.plan:add_arguments:run:EXAMPLES",
              "estimate per-device memory of a config under each parallel strategy, and suggest one"),
+    "world": ("difftune.world.command:add_arguments:run:EXAMPLES",
+              "the procedural world: render data, score images with its oracle, pretrain and bench world models"),
     "data": ("difftune.data.check:add_arguments:run:EXAMPLES",
              "check training data: counts, sizes, aspect ratios, captions and problems per file"),
     "sweep": ("difftune.sweeps.runner:add_arguments:run:EXAMPLES",

@@ -26,10 +26,15 @@ EXAMPLES = """examples:
   difftune tiny kandinsky22 runs/tiny-k22      # writes runs/tiny-k22/prior and runs/tiny-k22/decoder
   difftune tiny controlnet-sd runs/tiny-cn-sd  # a ControlNet that fits `difftune tiny sd` pipelines
   difftune tiny controlnet-flux runs/tiny-cn-flux
+  difftune tiny world-sd world-sd              # the shipped world base model (trained, not random)
+  difftune tiny world-flux world-flux
 """
 
 #: the names of tiny ControlNets: ``controlnet-`` + the family folder whose tiny module has ``controlnet()``
 CONTROLNET_PREFIX = "controlnet-"
+
+WORLD = ("world-sd", "world-flux")
+"""The shipped, pretrained world base models (`difftune.world`), written out by the same command."""
 
 
 def tiny_module(name: str) -> Any:
@@ -134,8 +139,8 @@ def make_tiny_controlnet(name: str, out_dir: str | Path, seed: int = 0) -> Path:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the arguments of ``difftune tiny FAMILY OUT_DIR [--seed N]`` to `parser`."""
-    parser.add_argument("family", choices=[*tiny_families(), *tiny_controlnets()],
-                        help="model family (or tiny ControlNet) to build")
+    parser.add_argument("family", choices=[*tiny_families(), *tiny_controlnets(), *WORLD],
+                        help="model family (or tiny ControlNet) to build, or a pretrained world base model")
     parser.add_argument("out_dir", type=Path, help="folder to write the pipeline(s) to")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
 
@@ -146,6 +151,12 @@ def run(args: argparse.Namespace) -> int:
         out_dir = make_tiny_controlnet(args.family, args.out_dir, seed=args.seed)
         print(f"wrote tiny {args.family} to {out_dir} (for `difftune tiny {args.family.removeprefix(CONTROLNET_PREFIX)}`"
               " pipelines)")
+        return 0
+    if args.family in WORLD:
+        from .world.models import write_shipped
+
+        out_dir = write_shipped(args.family.split("-", 1)[1], args.out_dir)
+        print(f"wrote the pretrained {args.family} base model to {out_dir}; sample at 64x64 px (see its README.md)")
         return 0
     module = tiny_module(args.family)
     print(_write(module, Path(args.out_dir), args.seed, dict(module.KNOBS)))

@@ -1,0 +1,192 @@
+"""The world base models: their architecture (`build`), tokenizers, latent scaling, model card, and
+the shipped copies (`shipped`, `write_shipped`).
+
+Sizes are set by what trains in well under an hour on two *shared* CPU cores: SD has a VAE of
+0.2M parameters (4x down, 4 latent channels: 16x16x4 latents), a 1.5M-parameter UNet and a 2-layer
+CLIP text encoder; FLUX a VAE with 8x down and 16 latent channels (8x8x16 latents, 4x4 = 16 packed
+tokens), a transformer of 1 double- and 2 single-stream blocks (hidden 64), CLIP and a 2-layer T5
+encoder. FLUX pays for its 512 T5 tokens (FluxPipeline's default ``max_sequence_length``), which it
+must see in training too. Text encoders
+are random and frozen: the tokenizers are byte-level (CLIP byte-level BPE; T5 SentencePiece with
+every printable ASCII character as a piece), so any trigger word a user invents has an encoding,
+and frozen encoders keep LoRA fine-tunes of the denoiser alone meaningful.
+
+FLUX is built *without* the guidance embedding (like FLUX.1-schnell, unlike FLUX.1-dev): FLUX.1-dev's
+guidance embedding is distilled from a teacher that ran classifier-free guidance, and a model
+trained from scratch has no such teacher; an embedding fed a constant during training would learn
+nothing. Caption dropout in pretraining still makes true classifier-free guidance available
+(``FluxPipeline(..., true_cfg_scale=4, negative_prompt="")``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from .. import DifftuneError
+
+FAMILIES = ("sd", "flux")
+PIPELINES = {"sd": "StableDiffusionPipeline", "flux": "FluxPipeline"}
+SHIPPED = Path(__file__).parent / "weights"
+
+
+def shipped(family: str) -> Path:
+    """The folder of the shipped world model of `family` (``world/weights/world-<family>``)."""
+    path = SHIPPED / f"world-{family}"
+    if not (path / "model_index.json").is_file():
+        raise DifftuneError(f"the world-{family} weights are not in this installation ({path})")
+    return path
+
+
+def write_shipped(family: str, out: str | Path) -> Path:
+    """Copy the shipped world model of `family` to `out` (a plain diffusers pipeline folder)."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise DifftuneError(f"{out} exists and is not empty; choose a new folder")
+    shutil.copytree(shipped(family), out, dirs_exist_ok=True)
+    return out
+
+
+def _clip_config(tokenizer, hidden: int = 64):
+    from transformers import CLIPTextConfig
+
+    from ..families.tiny_parts import CLIP_MAX_LENGTH
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=CLIP_MAX_LENGTH, projection_dim=hidden,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _vae(latent_channels: int, blocks: int, **config):
+    """An ``AutoencoderKL`` with `blocks` levels: downscale factor ``2 ** (blocks - 1)``."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
+        block_out_channels=(16,) + (32,) * (blocks - 1), layers_per_block=1, norm_num_groups=8,
+        latent_channels=latent_channels, sample_size=64, **config,
+    )
+
+
+def build(family: str, seed: int = 0):
+    """A random-initialised world pipeline of `family` (weights from `seed`)."""
+    import torch
+
+    from ..families import tiny_parts as tiny
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = tiny.clip_tokenizer()
+        from transformers import CLIPTextModel
+
+        text_encoder = CLIPTextModel(_clip_config(tokenizer))
+        if family == "sd":
+            return _build_sd(tokenizer, text_encoder)
+        if family == "flux":
+            return _build_flux(tokenizer, text_encoder)
+    raise DifftuneError(f"unknown world family {family!r}; choose one of {', '.join(FAMILIES)}")
+
+
+def _build_sd(tokenizer, text_encoder):
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16,
+        cross_attention_dim=text_encoder.config.hidden_size, attention_head_dim=8,
+    )
+    scheduler = PNDMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+    )
+    return StableDiffusionPipeline(
+        vae=_vae(4, 3, scaling_factor=1.0), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def _build_flux(tokenizer, text_encoder):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from ..families import tiny_parts as tiny
+
+    tokenizer_2 = tiny.t5_tokenizer()
+    text_encoder_2 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_2), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+        feed_forward_proj="gated-gelu", pad_token_id=tokenizer_2.pad_token_id, eos_token_id=tokenizer_2.eos_token_id,
+        decoder_start_token_id=tokenizer_2.pad_token_id,
+    ))
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=32,
+        num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=text_encoder.config.hidden_size,
+        guidance_embeds=False, axes_dims_rope=(8, 12, 12),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )
+    vae = _vae(16, 4, scaling_factor=1.0, shift_factor=0.0, use_quant_conv=False, use_post_quant_conv=False)
+    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+
+
+def write_tokenizer_files(family: str, folder: Path) -> None:
+    """Also write the classic tokenizer files (CLIP ``vocab.json``/``merges.txt``, T5 ``spiece.model``)."""
+    from ..families import tiny_parts
+
+    tiny_parts.write_clip_vocab_files(folder / "tokenizer")
+    if family == "flux":
+        tiny_parts.write_spiece_model(folder / "tokenizer_2")
+
+
+def set_latent_scaling(vae, family: str, mean: float, std: float) -> None:
+    """Unit-variance latents, as for the real models: SD scales (no shift), FLUX shifts and scales."""
+    if family == "flux":
+        vae.register_to_config(scaling_factor=round(1.0 / std, 4), shift_factor=round(mean, 4))
+    else:
+        vae.register_to_config(scaling_factor=round(1.0 / std, 4))
+
+
+def write_card(out: Path, family: str, meta: dict, timings: dict, note: str = "") -> None:
+    """A model card (README.md) saying what the model is and how it was made."""
+    sizes = {str(f.relative_to(out)): f.stat().st_size for f in sorted(out.rglob("*.safetensors"))
+             if "work" not in f.relative_to(out).parts}
+    minutes = {k: round(v / 60, 1) for k, v in timings.items()}
+    text = f"""---
+library_name: diffusers
+pipeline_tag: text-to-image
+tags: [difftune, world, from-scratch]
+---
+# world-{family}: a {PIPELINES[family]} trained from scratch on difftune's procedural world
+
+Draws 64x64 scenes: `a {{colour}} {{shape}} on a {{background}} background`, optionally
+`... in striped style` or `... in hatched style`. Colours: red, green, blue, yellow, white, black,
+orange, purple; shapes: circle, square, triangle. It has never seen the held-out styles
+(zdots, zcheck, zrim), the places (zkrem, zmgu, zcity) or 64 (colour, shape, background) triples;
+those are for fine-tuning and for measuring generalisation (`difftune world bench`).
+
+Made by `difftune world pretrain {family} OUT --vae-steps {meta['vae_steps']} --denoiser-steps {meta['denoiser_steps']}`
+(seed {meta['seed']}), on
+2 CPU cores: a VAE stage ({meta['vae_steps']} steps of {meta['vae_batch']} images: world scenes and
+random textures), then an ordinary difftune full fine-tune of the random-initialised denoiser
+({meta['denoiser_steps']} steps of {meta['batch']} images, {meta['images']} rendered scenes, 10% caption
+dropout, lr {meta['lr']}, cosine). Text encoders: random, frozen; tokenizers: byte-level.
+Wall time in minutes: {json.dumps(minutes)}. Weights stored in float16.
+{note}
+
+```python
+from diffusers import {PIPELINES[family]}
+pipe = {PIPELINES[family]}.from_pretrained("PATH")
+image = pipe("a red circle on a blue background", height=64, width=64, num_inference_steps=30).images[0]
+```
+
+Files: {json.dumps(sizes)}
+"""
+    (out / "README.md").write_text(text, encoding="utf-8")

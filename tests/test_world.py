@@ -1,0 +1,155 @@
+"""The procedural world: its caption contract, the oracle on ground-truth renders, the byte-level
+tokenizers, the shipped world models in plain diffusers, and the `world` / `tiny world-*` commands."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from difftune.world import models, oracle, scenes
+
+
+def difftune(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "difftune", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=600)
+
+
+def one_line_error(result, command):
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip() and "torchvision" not in line]
+    assert len(lines) == 1 and lines[0].startswith(f"difftune {command}: error: "), result.stderr
+    return lines[0]
+
+
+def test_caption_and_drawing_contract():
+    rng = random.Random(0)
+    for _ in range(200):
+        s = scenes.random_scene(rng)
+        assert s.caption == f"a {s.colour} {s.shape} on a {s.background} background"
+        image = scenes.render(s).astype(int)
+        assert image.shape == (64, 64, 3)
+        assert s.background != s.colour
+        assert 0.35 * 64 - 0.5 <= s.side <= 0.60 * 64 + 0.5 and 0 <= s.x <= 64 - s.side and 0 <= s.y <= 64 - s.side
+        # every pixel is the object's colour or the background's, within +-10 per channel
+        obj = np.abs(image - scenes.COLOURS[s.colour]).max(-1) <= 10
+        bg = np.abs(image - scenes.COLOURS[s.background]).max(-1) <= 10
+        assert (obj | bg).all() and obj.any()
+        # fully inside: the border shows no object pixel outside the object's box
+        assert not obj[:, : s.x].any() and not obj[: s.y].any()
+    assert scenes.COLOURS["red"] == (220, 40, 40) and scenes.SHAPES == ("circle", "square", "triangle")
+
+
+def test_captions_parse_back_and_bad_ones_are_refused():
+    s = scenes.Scene("red", "circle", "blue", 30, 5, 5, "dotted")
+    assert s.caption == "a red circle on a blue background in zdots style"
+    assert scenes.parse_caption(s.caption)["style"] == "dotted"
+    assert scenes.parse_caption("a zkrem on a white background")["place"] == "kremlin"
+    for bad in ("a red dog on a blue background", "red circle", "a red circle on a blue background in foo style"):
+        with pytest.raises(ValueError):
+            scenes.parse_caption(bad)
+
+
+def test_held_out_concepts_never_reach_pretraining_captions():
+    rng = random.Random(1)
+    held_out = set(scenes.unseen_triples())
+    assert len(held_out) == 64
+    captions = [scenes.pretraining_scene(rng, held_out) for _ in range(2000)]
+    words = {w for s in captions for w in s.caption.split()}
+    assert not words & (set(scenes.HELD_OUT_STYLES.values()) | set(scenes.PLACES.values()))
+    assert {"striped", "hatched"} <= words  # held-in styles teach the base what "in ... style" means
+    assert not {(s.colour, s.shape, s.background) for s in captions} & held_out
+
+
+def test_oracle_is_right_on_ground_truth_renders():
+    rng = random.Random(2024)
+    results = []
+    for i in range(160):
+        kind = i % 8
+        if kind < 6:
+            s = scenes.random_scene(rng, style=[None, *scenes.STYLES][kind])
+        else:
+            s = scenes.random_place(rng, rng.choice(list(scenes.PLACES)))
+        results.append(oracle.score(scenes.to_pil(scenes.render(s)), s.caption))
+    summary = oracle.summarise(results)
+    assert set(summary) == {"background", "colour", "shape", "style", "place"}
+    assert min(summary.values()) >= 0.98, summary
+
+
+def test_oracle_tells_wrong_images_apart():
+    s = scenes.Scene("red", "circle", "blue", 36, 10, 10)
+    wrong = oracle.score(scenes.render(s), "a green square on a white background in zdots style")
+    assert not any(wrong[k] for k in ("background", "colour", "shape", "style"))
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3)).astype(np.uint8)
+    assert oracle.summarise([oracle.score(noise, s.caption)])["shape"] in (0.0, 1.0)  # runs on anything
+
+
+def test_tokenizers_are_byte_level_any_trigger_word_encodes():
+    from transformers import AutoTokenizer
+
+    folder = models.shipped("flux")
+    clip = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    t5 = AutoTokenizer.from_pretrained(folder / "tokenizer_2")
+    for word in ("zdots", "qxzvbj", "krëmlin", "москва", "東京"):
+        ids = clip(f"a red circle in {word} style").input_ids
+        assert clip.unk_token_id not in ids[1:-1] or clip.unk_token_id == clip.eos_token_id
+        assert clip.decode(ids, skip_special_tokens=True).replace(" ", "") == f"aredcirclein{word}style"
+    for word in ("zdots", "qxzvbj", "Zk-9_x"):  # T5: every printable ASCII character is a piece
+        assert t5.unk_token_id not in t5(f"a red circle in {word} style").input_ids
+
+
+@pytest.mark.parametrize("family", ["sd", "flux"])
+def test_shipped_world_models_are_small_safetensors_with_a_card(family):
+    folder = models.shipped(family)
+    files = list(folder.rglob("*.safetensors"))
+    assert files and not list(folder.rglob("*.bin"))
+    assert all(f.stat().st_size <= 20 * 2**20 for f in files)
+    assert "difftune world pretrain" in (folder / "README.md").read_text()
+
+
+def test_tiny_world_writes_a_pipeline_plain_diffusers_loads(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    result = difftune("tiny", "world-sd", str(tmp_path / "w"))
+    assert result.returncode == 0, result.stderr
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "w")
+    assert pipe.vae.config.latent_channels == 4
+    one_line_error(difftune("tiny", "world-sd", str(tmp_path / "w")), "tiny")  # not over a full folder
+
+
+def test_world_score_command(tmp_path):
+    s = scenes.Scene("yellow", "triangle", "purple", 34, 8, 20, "checkered")
+    scenes.to_pil(scenes.render(s)).save(tmp_path / "a.png")
+    result = difftune("world", "score", str(tmp_path / "a.png"), "--prompt", s.caption)
+    assert result.returncode == 0, result.stderr
+    assert "colour=ok" in result.stdout and "style=ok" in result.stdout and "WRONG" not in result.stdout
+    result = difftune("world", "score", str(tmp_path / "a.png"), "--prompt", "a yellow square on a purple background")
+    assert "shape=WRONG" in result.stdout and "style=WRONG" in result.stdout
+    assert "--prompt" in one_line_error(difftune("world", "score", str(tmp_path / "a.png"), "--prompt", "a cat"), "world")
+    assert "no such image" in one_line_error(difftune("world", "score", str(tmp_path / "b.png")), "world")
+
+
+def test_world_render_writes_a_captioned_style_folder(tmp_path):
+    result = difftune("world", "render", str(tmp_path / "d"), "--style", "outline", "-n", "6")
+    assert result.returncode == 0, result.stderr
+    captions = sorted((tmp_path / "d").glob("*.txt"))
+    assert len(captions) == 6 and all(c.read_text().strip().endswith("in zrim style") for c in captions)
+    assert {oracle.analyse(p)["style"] for p in (tmp_path / "d").glob("*.png")} == {"outline"}
+
+
+def test_pretrain_runs_both_stages_writes_a_pipeline_and_resumes(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from difftune.world.pretrain import pretrain
+
+    out = pretrain("sd", tmp_path / "w", images=16, vae_steps=2, denoiser_steps=2, log=lambda *a: None)
+    pipe = StableDiffusionPipeline.from_pretrained(out)
+    assert pipe.vae.config.scaling_factor != 1.0  # measured on world latents
+    unet = (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    again = pretrain("sd", tmp_path / "w", images=16, vae_steps=2, denoiser_steps=2, log=lambda *a: None)
+    assert (again / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == unet  # nothing retrained
+    with pytest.raises(Exception, match="other settings"):
+        pretrain("sd", tmp_path / "w", images=16, vae_steps=3, denoiser_steps=2, log=lambda *a: None)
