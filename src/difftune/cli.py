@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
               "time a training step (or generation) against the machine's limit: s/step, memory, MFU"),
     "config": ("difftune.commands:add_config_arguments:run_config:CONFIG_EXAMPLES",
                "print the config reference or check a config file"),
+    "eval": ("difftune.evaluate.cli:add_arguments:run:EXAMPLES",
+             "score a run's final weights and checkpoints per concept, and its drift from the base model"),
     "data": ("difftune.data.check:add_arguments:run:EXAMPLES",
              "check training data: counts, sizes, aspect ratios, captions and problems per file"),
 }

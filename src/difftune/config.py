@@ -186,6 +186,18 @@ class ValidationConfig:
     guidance: Optional[float] = _f(None, "Guidance scale; default the family's.")
     seed: int = _f(0, "Seed for the samples, so runs compare image for image.")
     num_images: int = _f(1, "Images per prompt.")
+    eval_every: int = _f(
+        0, "Score concepts and drift (as `difftune eval` does) every N steps, logged next to the loss (0 = never)."
+    )
+    eval_prompts: Optional[str] = _f(
+        None, "Prompts file for scoring (`concepts: {NAME: [...]}`, `neutral: [...]`); default: from the concepts."
+    )
+    eval_prompts_per_concept: int = _f(4, "Default scoring prompts per concept (and neutral prompts).")
+    eval_scorer: Literal["auto", "world", "encoders"] = _f(
+        "auto", "`world` oracle, `encoders` (CLIP + DINOv2), or `auto`: the oracle when every prompt is a world caption."
+    )
+    clip_model: str = _f("openai/clip-vit-large-patch14", "CLIP model (hub id or folder) for the `encoders` scorer.")
+    dino_model: str = _f("facebook/dinov2-small", "DINOv2 model (hub id or folder) for the `encoders` scorer.")
 
 
 @dataclass
@@ -480,6 +492,8 @@ def validate(cfg: Config, *, resolution_multiple: int | None = None, check_paths
             problems.append(f"{key}.caption_dropout must be in [0, 1], got {concept.caption_dropout}")
         if "{caption}" not in concept.caption_template:
             problems.append(f"{key}.caption_template must contain {{caption}}, got {concept.caption_template!r}")
+    if cfg.validation.eval_every < 0:
+        problems.append(f"validation.eval_every must be >= 0, got {cfg.validation.eval_every}")
     if cfg.validation.every < 0:
         problems.append(f"validation.every must be >= 0, got {cfg.validation.every}")
     if problems:

@@ -278,6 +278,12 @@ def train(cfg: Config, log=print) -> Path:
         rows = [prompt_cache[p] for p in prompts]
         return {k: torch.stack([r[k] for r in rows]) for k in rows[0]} if rows and rows[0] else {}
 
+    evaluator = None  # validation.eval_every: concept scores and drift, as `difftune eval` computes them
+    if main and cfg.validation.eval_every:
+        from .evaluate.core import TrainingEval
+
+        evaluator = TrainingEval(family, cfg, items, accelerator.autocast, say)
+
     # ---- the loop -----------------------------------------------------------------------------------
     loss_log = out / "logs" / "loss.jsonl"
     if main:
@@ -353,6 +359,8 @@ def train(cfg: Config, log=print) -> Path:
                 )
             if cfg.validation.prompts and cfg.validation.every and step % cfg.validation.every == 0 and step < cfg.train.steps:
                 _samples(family, cfg, step, accelerator)
+            if evaluator is not None and evaluator.due(step):
+                accelerator.log(evaluator(step), step=step)
     progress.close()
 
     # ---- outputs ----------------------------------------------------------------------------------
@@ -434,7 +442,7 @@ def _no_sync(accelerator, family, part_names, sync: bool):
     return stack
 
 
-def _trainable_tensors(family, part_names, cfg: Config) -> dict:
+def trainable_tensors(family, part_names, cfg: Config) -> dict:
     from .adapters import lora
     from .families.base import unwrap
 
@@ -473,30 +481,35 @@ def _save(family, part_names, cfg, step, data, optimizer, lr_scheduler, accelera
         }
         t = time.time()
         path = save_checkpoint(
-            cfg.output_dir, step, _trainable_tensors(family, part_names, cfg), optimizer.state_dict(),
+            cfg.output_dir, step, trainable_tensors(family, part_names, cfg), optimizer.state_dict(),
             rng_tensors, state, _dump_yaml(cfg), cfg.checkpoint.keep,
         )
         _progress_write(f"checkpoint {path.name} saved in {time.time() - t:.1f}s")
     accelerator.wait_for_everyone()
 
 
-def _restore(family, part_names, cfg, resumed, optimizer, lr_scheduler, accelerator) -> None:
+def loadtrainable_tensors(family, part_names, cfg, tensors: dict, where: str = "checkpoint") -> None:
+    """Put trained weights (``{part}.{name}`` keys, as `trainable_tensors` makes them and checkpoints
+    store them) into the trained parts; shared with `difftune eval`, which loads each checkpoint so."""
     from .adapters import lora
     from .families.base import unwrap
 
-    tensors = resumed["tensors"]
     for name in part_names:
         prefix = f"{name}."
         state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         if not state:
-            raise CheckpointError(f"checkpoint has no weights for {name}")
+            raise CheckpointError(f"{where} has no weights for {name}")
         module = unwrap(family.parts[name])
         if cfg.method.kind == "lora":
-            lora.set_lora_state_dict(module, state, "checkpoint")
+            lora.set_lora_state_dict(module, state, where)
         else:
             missing, unexpected = module.load_state_dict(state, strict=False)
             if missing or unexpected:
-                raise CheckpointError(f"checkpoint weights do not fit {name} ({len(missing)} missing, {len(unexpected)} unexpected)")
+                raise CheckpointError(f"{where} weights do not fit {name} ({len(missing)} missing, {len(unexpected)} unexpected)")
+
+
+def _restore(family, part_names, cfg, resumed, optimizer, lr_scheduler, accelerator) -> None:
+    loadtrainable_tensors(family, part_names, cfg, resumed["tensors"])
     try:
         optimizer.load_state_dict(resumed["optimizer"])
     except (ValueError, KeyError) as e:
