@@ -488,7 +488,7 @@ def _save(family, part_names, cfg, step, data, optimizer, lr_scheduler, accelera
     accelerator.wait_for_everyone()
 
 
-def loadtrainable_tensors(family, part_names, cfg, tensors: dict, where: str = "checkpoint") -> None:
+def load_trainable_tensors(family, part_names, cfg, tensors: dict, where: str = "checkpoint") -> None:
     """Put trained weights (``{part}.{name}`` keys, as `trainable_tensors` makes them and checkpoints
     store them) into the trained parts; shared with `difftune eval`, which loads each checkpoint so."""
     from .adapters import lora
@@ -509,7 +509,7 @@ def loadtrainable_tensors(family, part_names, cfg, tensors: dict, where: str = "
 
 
 def _restore(family, part_names, cfg, resumed, optimizer, lr_scheduler, accelerator) -> None:
-    loadtrainable_tensors(family, part_names, cfg, resumed["tensors"])
+    load_trainable_tensors(family, part_names, cfg, resumed["tensors"])
     try:
         optimizer.load_state_dict(resumed["optimizer"])
     except (ValueError, KeyError) as e:
