@@ -14,6 +14,7 @@ same weights as an uninterrupted one (bit for bit on CPU).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -188,6 +189,8 @@ def train(cfg: Config, log=print) -> Path:
     from .adapters import lora
     from .data.cache import FeatureStore, ImageFeatures, PromptFeatures
     from .data.dataset import TrainingData, build_items
+    from .data.mix import mixed_sources
+    from .objectives.preserve import make_terms
     from .families.registry import resolve_family
 
     # ---- check everything that needs no model -------------------------------------------------
@@ -212,8 +215,14 @@ def train(cfg: Config, log=print) -> Path:
 
         check_resume_compatible(config_from_dict(yaml.safe_load(resumed["config_yaml"])), cfg, resume_from)
 
-    items = build_items(cfg.data, log=say)
-    data = TrainingData(items, cfg.data, multiple, cfg.train.batch_size, cfg.train.seed)
+    # own concepts, plus replayed runs' concepts and class images (drawn now if missing), data/mix.py
+    concepts, companions = mixed_sources(cfg, family_cls, say) if main else (None, None)
+    accelerator.wait_for_everyone()
+    if not main:
+        concepts, companions = mixed_sources(cfg, family_cls, say)
+    data_cfg = dataclasses.replace(cfg.data, concepts=concepts)
+    items = build_items(data_cfg, log=say)
+    data = TrainingData(items, data_cfg, multiple, cfg.train.batch_size, cfg.train.seed, companions)
     if main:
         (out / "config.yaml").write_text(_dump_yaml(cfg))
     say(f"{len(items)} images in {len(cfg.data.concepts)} concept(s), {data.plan.batches_per_epoch} batches per epoch")
@@ -224,9 +233,12 @@ def train(cfg: Config, log=print) -> Path:
     family = family_cls(cfg, accelerator.device, weight_dtype)
     family.load()
     part_names = attach_method(family, cfg)
-    if cfg.method.kind == "lora" and cfg.method.init_lora and not resumed:
+    if cfg.method.kind == "lora" and cfg.method.init_lora:  # on resume the checkpoint then overwrites it
         lora.init_from_lora(family, cfg.method.init_lora, part_names)
-        say(f"starting from LoRA {cfg.method.init_lora}")
+        if not resumed:
+            say(f"starting from LoRA {cfg.method.init_lora}")
+    # preservation losses (cfg.preserve, objectives/preserve.py); they see the starting LoRA, not a resumed one
+    terms = make_terms(cfg, family, lambda prompts: prompt_features(prompts))
     speed.apply(family.parts[family.denoiser], cfg, weight_dtype)
     say(f"speed: {speed.describe(cfg)}")
 
@@ -258,7 +270,7 @@ def train(cfg: Config, log=print) -> Path:
     prompt_cache: dict[str, dict] = {}
     if text_frozen:
         text_side = PromptFeatures(family, FeatureStore(cache_root / "prompts", say) if cfg.data.cache else None)
-        prompt_cache = text_side.table(data.all_prompts())
+        prompt_cache = text_side.table(sorted(set(data.all_prompts()) | set(cfg.preserve.prompts)))
         say(f"prompt embeddings: {text_side.encoded} encoded, {text_side.loaded} read from the cache")
         family.after_prompt_cache()  # e.g. text encoders off the accelerator, or out of memory
     views = data.fixed_views()
@@ -305,7 +317,7 @@ def train(cfg: Config, log=print) -> Path:
                 try:
                     with accelerator.autocast(), _no_sync(accelerator, family, part_names, sync):
                         loss = _micro_step(family, objective, batch, image_features, prompt_features,
-                                           micro_seed(cfg.train.seed, k, rank))
+                                           micro_seed(cfg.train.seed, k, rank), terms)
                         if not torch.isfinite(loss):
                             bad_paths += batch["paths"]
                         accelerator.backward(loss / accum)
@@ -412,8 +424,10 @@ def attach_method(family, cfg: Config) -> list[str]:
     return part_names
 
 
-def _micro_step(family, objective, batch, image_features, prompt_features, seed: int):
-    """Loss of one micro-batch (mean over elements, weighted per sample)."""
+def _micro_step(family, objective, batch, image_features, prompt_features, seed: int, terms=()):
+    """Loss of one micro-batch: per-sample mean squared error, weighted by the objective's timestep
+    weights and the batch's ``loss_weights`` (which sum to 1 per loss group, see data/mix.py), plus
+    any preservation `terms`."""
     import torch
 
     device = family.device
@@ -427,7 +441,11 @@ def _micro_step(family, objective, batch, image_features, prompt_features, seed:
     target = objective.target(x0, noise, t)
     pred = family.predict(x_t, t, features)
     per_sample = ((pred.float() - target.float()) ** 2).reshape(x0.shape[0], -1).mean(dim=1)
-    return (per_sample * objective.weights(t).float()).mean()
+    share = torch.tensor(batch["loss_weights"], dtype=torch.float32, device=per_sample.device)
+    loss = (per_sample * objective.weights(t).float() * share).sum()
+    for term in terms:
+        loss = loss + term(x_t, t, features, seed)
+    return loss
 
 
 def _no_sync(accelerator, family, part_names, sync: bool):

@@ -128,3 +128,30 @@ def init_from_lora(family: Any, path: str, parts: list[str]) -> None:
                     f"{tuple(expected[key].shape)} (check method.rank)"
                 )
         set_lora_state_dict(model, {k: v.to(torch.float32) for k, v in sub.items()}, f"method.init_lora {file}")
+
+
+def adapters_disabled(module: Any):
+    """A context in which `module` runs as its base model (every LoRA adapter off), then on again."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def off():
+        model = unwrap(module)
+        model.disable_adapters()
+        try:
+            yield
+        finally:
+            model.enable_adapters()
+
+    return off()
+
+
+def lora_deltas(module: Any) -> dict[str, tuple[Any, Any, Any]]:
+    """Every linear LoRA layer of `module`: name -> (A, B, scaling); its weight delta is ``scaling * B @ A``."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for name, layer in unwrap(module).named_modules():
+        if isinstance(layer, LoraLayer) and ADAPTER in layer.lora_A and layer.lora_A[ADAPTER].weight.dim() == 2:
+            out[name] = (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight, layer.scaling[ADAPTER])
+    return out
