@@ -14,7 +14,7 @@ from difftune.config import ConceptConfig, DataConfig, load_config
 from difftune.data.buckets import make_buckets, nearest_bucket
 from difftune.data.cache import FeatureStore
 from difftune.data.dataset import BatchPlan, Item, TrainingData
-from difftune.families.sd import StableDiffusion
+from difftune.families.sd.family import StableDiffusion
 from difftune.train import read_losses, train
 
 #: (width, height) of the images of `shaped_items`: 2:1, 1:2 and square ones, unevenly many, and a

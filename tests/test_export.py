@@ -12,21 +12,10 @@ import torch
 
 from difftune import DifftuneError
 from difftune.cli import main
-from difftune.export import (
-    KohyaLayout,
-    LoraWeights,
-    export_lora,
-    from_kohya,
-    fuse,
-    read_diffusers,
-    read_file,
-    read_kohya,
-    split,
-    to_kohya,
-    write_kohya,
-)
-from difftune.families.flux import Flux
-from difftune.families.sd import StableDiffusion
+from difftune.export import export_lora, read_diffusers, read_file, read_kohya, write_kohya
+from difftune.formats.kohya import KohyaLayout, LoraWeights, from_kohya, fuse, split, to_kohya
+from difftune.families.flux.family import Flux
+from difftune.families.sd.family import StableDiffusion
 
 PROMPT = "a photo of sks dog"
 CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]

@@ -17,11 +17,12 @@ from foreign import char_clip_tokenizer, clip_text_encoder
 
 from difftune import DifftuneError
 from difftune.config import load_config, validate
-from difftune.families import flux as flux_module
-from difftune.families.flux import Flux
+from difftune.families.flux import family as flux_module
+from difftune.families.flux.family import Flux
 from difftune.objectives.flow_matching import FlowMatchingObjective, dynamic_shift, shift_sigma
 from difftune.objectives.timesteps import sample_u
 from difftune.train import read_losses, train
+from difftune.methods import get_method
 
 PROMPT = "a photo of sks disc"
 SEQ = 16  # T5 tokens in tests (FLUX.1-dev: 512)
@@ -194,15 +195,14 @@ def test_predict_is_the_pipelines_own_denoising_step(tiny_flux, tmp_path):
 
 
 def test_lora_training_changes_only_adapter_weights(tiny_flux, disc_images, tmp_path):
-    from difftune.adapters import lora
     from difftune.data.dataset import TrainingData, build_items
 
     family = family_for(tiny_flux, tmp_path, **{"data.concepts": f"[{{dir: '{disc_images}'}}]"})
     modules = {n: p for n, p in family.parts.items() if isinstance(p, torch.nn.Module)}
     before = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in modules.items()}
     transformer = family.parts["transformer"]
-    lora.add_lora(transformer, "transformer", lora.targets_for("transformer", family.lora_targets, family.cfg.method,
-                                                               "transformer"), family.cfg.method)
+    method = get_method(family.cfg.method)
+    method.attach(transformer, "transformer", family.lora_targets, "transformer")
     trainable = {n for n, p in transformer.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     adapted = {n.split(".lora_A.")[0] for n in trainable if ".lora_A." in n}
@@ -212,7 +212,7 @@ def test_lora_training_changes_only_adapter_weights(tiny_flux, disc_images, tmp_
     data = TrainingData(build_items(family.cfg.data, log=lambda *_: None), family.cfg.data, 8, 2, 0)
     batch = data.batch(0)
     objective = family.make_objective()
-    optimizer = torch.optim.AdamW(lora.trainable_parameters(transformer), lr=1e-2)
+    optimizer = torch.optim.AdamW(method.trainable_parameters(transformer), lr=1e-2)
     with torch.no_grad():
         x0 = family.encode_images(batch["pixels"])["x0"]
         prompts = family.encode_prompts(batch["prompts"])

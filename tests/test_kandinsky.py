@@ -128,7 +128,7 @@ def shipped(name: str, k22: Path, data: Path, out: Path, steps: int = 2, **extra
 
 @pytest.fixture(scope="module")
 def decoder_lora(k22, data, tmp_path_factory):
-    from difftune.families.kandinsky22 import KandinskyDecoder
+    from difftune.families.kandinsky22.family import KandinskyDecoder
 
     config, ov = shipped("decoder-lora", k22, data, tmp_path_factory.mktemp("dl") / "out", steps=3,
                          **{"method.alpha": 8})
@@ -137,7 +137,7 @@ def decoder_lora(k22, data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prior_lora(k22, data, tmp_path_factory):
-    from difftune.families.kandinsky22 import KandinskyPrior
+    from difftune.families.kandinsky22.family import KandinskyPrior
 
     config, ov = shipped("prior-lora", k22, data, tmp_path_factory.mktemp("pl") / "out", steps=3,
                          **{"method.alpha": 8})

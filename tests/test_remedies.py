@@ -211,7 +211,7 @@ def test_output_preservation_target_is_the_base_prediction(tmp_path, tiny_sd):
 
 
 def test_continual_penalty_protects_what_the_earlier_lora_uses(tmp_path, tiny_sd):
-    from difftune.adapters.lora import lora_deltas
+    from difftune.methods.lora import lora_deltas
     from difftune.objectives.preserve import ContinualPenalty
 
     _, family = lora_family(tiny_sd, tmp_path)
@@ -235,7 +235,7 @@ def test_remedy_options_validate(tmp_path, tiny_sd):
     data = world_folder(tmp_path / "d")
     for extra, message in (
         ({"preserve.output_weight": 1.0}, "needs preserve.prompts"),
-        ({"preserve.clora_weight": 1.0}, "needs method.kind: lora and method.init_lora"),
+        ({"preserve.clora_weight": 1.0}, "needs method.init_lora"),
         ({"data.replay_ratio": 1.0}, "replay_ratio must be in"),
         ({"data.replay": "['x']", "data.buckets": True}, "data.replay needs data.buckets: false"),
     ):

@@ -40,7 +40,7 @@ def load_sd(path):
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, foreign_sd):
     """A 4-step LoRA run on the foreign pipeline, with the live family captured for inspection."""
-    from difftune.families import sd
+    from difftune.families.sd import family as sd
 
     root = tmp_path_factory.mktemp("lora")
     data = make_images(root / "data", caption=PROMPT)

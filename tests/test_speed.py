@@ -95,7 +95,7 @@ def _loss_and_grads(model, kwargs):
 def _flux_transformer(tiny_flux):
     from diffusers import FluxTransformer2DModel
 
-    from difftune.families.flux import ATTENTION
+    from difftune.families.flux.family import ATTENTION
 
     return _lora_model(FluxTransformer2DModel.from_pretrained(tiny_flux / "transformer"), ATTENTION)
 
@@ -146,7 +146,7 @@ def test_fp8_base_weights_compute_exactly_with_their_rounded_values(tiny_sd):
     those of an fp32 model holding the dequantised weights; the weights take a quarter of the bytes."""
     from diffusers import UNet2DConditionModel
 
-    from difftune.families.sd import ATTENTION
+    from difftune.families.sd.family import ATTENTION
 
     model = _lora_model(UNet2DConditionModel.from_pretrained(tiny_sd / "unet"), ATTENTION)
     reference = copy.deepcopy(model)

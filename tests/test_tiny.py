@@ -25,7 +25,7 @@ PROMPTS = [
 def tiny_dirs(tmp_path_factory):
     """family -> folder holding that family's seed-0 tiny pipeline(s), built once per session."""
     root = tmp_path_factory.mktemp("tiny")
-    return {family: tiny.make_tiny(family, root / family) for family in tiny.FAMILIES}
+    return {family: tiny.make_tiny(family, root / family) for family in tiny.tiny_families()}
 
 
 def _load(path, expected_class):
@@ -204,7 +204,7 @@ def test_sd_pipeline_generates_image(tiny_dirs):
     assert pipe.text_encoder.config.vocab_size == len(pipe.tokenizer)
     assert pipe.text_encoder.config.eos_token_id == pipe.tokenizer.eos_token_id
     assert pipe.safety_checker is None
-    size = tiny.TINY_RESOLUTION["sd"]
+    size = tiny.tiny_resolution("sd")
     image = pipe(
         PROMPT, height=size, width=size, num_inference_steps=2, output_type="np",
         generator=torch.Generator().manual_seed(0),
@@ -225,7 +225,7 @@ def test_flux_pipeline_generates_image(tiny_dirs):
     assert pipe.text_encoder.config.vocab_size == len(pipe.tokenizer)
     assert pipe.text_encoder_2.config.vocab_size == len(pipe.tokenizer_2)
     assert pipe.scheduler.config.use_dynamic_shifting
-    size = tiny.TINY_RESOLUTION["flux"]
+    size = tiny.tiny_resolution("flux")
     assert size % (2 * pipe.vae_scale_factor) == 0
     image = pipe(
         PROMPT, height=size, width=size, num_inference_steps=2, guidance_scale=3.5, max_sequence_length=32,
@@ -256,7 +256,7 @@ def test_kandinsky22_prior_feeds_decoder(tiny_dirs):
     embeds = prior(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
     assert embeds.image_embeds.shape == embeds.negative_image_embeds.shape == (1, embed_dim)
     assert embeds.image_embeds.abs().sum() > 0  # prior.clip_std must not zero the output
-    size = tiny.TINY_RESOLUTION["kandinsky22"]
+    size = tiny.tiny_resolution("kandinsky22")
     image = decoder(
         image_embeds=embeds.image_embeds, negative_image_embeds=embeds.negative_image_embeds,
         height=size, width=size, num_inference_steps=2, output_type="np",
@@ -268,7 +268,7 @@ def test_kandinsky22_prior_feeds_decoder(tiny_dirs):
 # --- determinism, overrides, CLI -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", tiny.FAMILIES)
+@pytest.mark.parametrize("family", tiny.tiny_families())
 def test_same_seed_gives_identical_files_other_seed_other_weights(family, tiny_dirs, tmp_path):
     rng_state = torch.random.get_rng_state()
     again = _file_bytes(tiny.make_tiny(family, tmp_path / "again", seed=0))

@@ -32,7 +32,7 @@ Modes:
 
 Models: ``tiny`` is the pipeline of `difftune.tiny.make_tiny`; ``small`` swaps in a larger denoiser
 (CPU-sized); ``real`` builds the published architecture of FLUX.1-dev, SD 1.5 or the Kandinsky 2.2
-decoder from its config (`PRESETS`) with random weights: the denoiser directly on the device in the
+decoder from its config (each family folder's ``presets.py``) with random weights: the denoiser directly on the device in the
 weight dtype, the encoders on the ``meta`` device, where running them costs nothing and yields the
 shapes of the cached inputs (``generate`` builds every part on the device). No download is needed.
 
@@ -59,6 +59,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import DifftuneError
+from .families.base import Preset
+from .methods import get_method, get_method_class, method_kinds
 
 EXAMPLES = """examples:
   difftune bench --family sd --steps 5                                   # tiny SD LoRA on this machine
@@ -76,122 +78,21 @@ Trailing key.path=value pairs set config keys as in `difftune train` (speed.*, t
 
 MODES = ("train", "bare", "overhead", "baseline", "compare", "generate", "e2e", "baseline-e2e", "flops")
 
-#: family -> (`make_tiny` family, sub-folder of the pipeline, sub-folder of its prior or None)
-TINY_SOURCES: dict[str, tuple[str, str | None, str | None]] = {
-    "sd": ("sd", None, None),
-    "flux": ("flux", None, None),
-    "kandinsky22-decoder": ("kandinsky22", "decoder", "prior"),
-    "kandinsky22-prior": ("kandinsky22", "prior", None),
-}
-
-# ---- the published architectures (config.json of each part), for random-weight models ------------------
-
-#: runwayml/stable-diffusion-v1-5 unet/config.json (860M parameters)
-SD15_UNET = {
-    "sample_size": 64, "in_channels": 4, "out_channels": 4, "center_input_sample": False,
-    "flip_sin_to_cos": True, "freq_shift": 0,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "downsample_padding": 1,
-    "mid_block_scale_factor": 1, "act_fn": "silu", "norm_num_groups": 32, "norm_eps": 1e-5,
-    "cross_attention_dim": 768, "attention_head_dim": 8,
-}
-#: the SD 1.x / FLUX.1 VAE encoder-decoder (factor 8); FLUX.1 has 16 latent channels and a shift
-SD_VAE = {
-    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "layers_per_block": 2, "act_fn": "silu", "norm_num_groups": 32, "sample_size": 512, "scaling_factor": 0.18215,
-}
-FLUX_VAE = {**SD_VAE, "latent_channels": 16, "sample_size": 1024, "scaling_factor": 0.3611, "shift_factor": 0.1159,
-            "use_quant_conv": False, "use_post_quant_conv": False, "force_upcast": True}
-#: openai/clip-vit-large-patch14 text tower (SD 1.5 text_encoder, FLUX.1 text_encoder)
-CLIP_L_TEXT = {
-    "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-    "max_position_embeddings": 77, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "projection_dim": 768,
-    "vocab_size": 49408,
-}
-#: google/t5-v1_1-xxl encoder (FLUX.1 text_encoder_2, 4.7B parameters)
-T5_XXL = {
-    "d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24, "feed_forward_proj": "gated-gelu",
-    "dense_act_fn": "gelu_new", "is_gated_act": True, "layer_norm_epsilon": 1e-6, "relative_attention_num_buckets": 32,
-    "relative_attention_max_distance": 128, "tie_word_embeddings": False, "vocab_size": 32128,
-}
-#: black-forest-labs/FLUX.1-dev transformer/config.json (11.9B parameters)
-FLUX1_DEV_TRANSFORMER = {
-    "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
-    "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True,
-    "axes_dims_rope": [16, 56, 56],
-}
-#: kandinsky-community/kandinsky-2-2-decoder unet/config.json (1.2B parameters)
-K22_DECODER_UNET = {
-    "sample_size": 64, "in_channels": 4, "out_channels": 8, "act_fn": "silu", "addition_embed_type": "image",
-    "addition_embed_type_num_heads": 64, "attention_head_dim": 64, "block_out_channels": [384, 768, 1152, 1536],
-    "cross_attention_dim": 768, "cross_attention_norm": "group_norm",
-    "down_block_types": ["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D",
-                         "SimpleCrossAttnDownBlock2D"],
-    "up_block_types": ["SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D",
-                       "ResnetUpsampleBlock2D"],
-    "mid_block_type": "UNetMidBlock2DSimpleCrossAttn", "encoder_hid_dim": 1280, "encoder_hid_dim_type": "image_proj",
-    "layers_per_block": 3, "norm_num_groups": 32, "norm_eps": 1e-5, "resnet_time_scale_shift": "scale_shift",
-    "flip_sin_to_cos": True, "freq_shift": 0, "downsample_padding": 1, "mid_block_scale_factor": 1,
-}
-#: kandinsky-2-2-decoder movq/config.json (factor 8)
-K22_MOVQ = {
-    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "vq_embed_dim": 4, "num_vq_embeddings": 16384,
-    "block_out_channels": [128, 256, 256, 512], "layers_per_block": 2, "norm_num_groups": 32, "norm_type": "spatial",
-    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "AttnDownEncoderBlock2D"],
-    "up_block_types": ["AttnUpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
-    "sample_size": 32,
-}
-#: kandinsky-2-2-prior image_encoder (OpenCLIP ViT-bigG/14 vision tower, 1280-dim image embeddings); the
-#: input size stays the tiny processor's, which changes no output shape
-K22_IMAGE_ENCODER = {
-    "hidden_size": 1664, "intermediate_size": 8192, "num_hidden_layers": 48, "num_attention_heads": 16,
-    "projection_dim": 1280, "hidden_act": "gelu",
-}
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A model size: config overrides per part, on top of the tiny pipeline's configs."""
-
-    resolution: int
-    parts: dict[str, dict] = field(default_factory=dict)
-    note: str = ""
-
-
-#: family -> preset name -> Preset. ``tiny`` changes nothing; ``small`` only the denoiser (its
-#: conditioning sizes stay the tiny encoders'); ``real`` every part whose sizes the inputs depend on.
-PRESETS: dict[str, dict[str, Preset]] = {
-    "sd": {
-        "tiny": Preset(64),
-        "small": Preset(256, {"unet": {
-            "block_out_channels": [64, 128, 256], "layers_per_block": 1, "attention_head_dim": 8,
-            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]}}, "SD-shaped UNet, 64-128-256"),
-        "real": Preset(512, {"unet": SD15_UNET, "vae": SD_VAE, "text_encoder": CLIP_L_TEXT}, "SD 1.5"),
-    },
-    "flux": {
-        "tiny": Preset(64),
-        "small": Preset(256, {"transformer": {
-            "num_layers": 2, "num_single_layers": 4, "attention_head_dim": 64, "num_attention_heads": 4,
-            "axes_dims_rope": [8, 28, 28]}}, "FLUX-shaped, 2+4 blocks, width 256"),
-        "real": Preset(1024, {"transformer": FLUX1_DEV_TRANSFORMER, "vae": FLUX_VAE, "text_encoder": CLIP_L_TEXT,
-                              "text_encoder_2": T5_XXL}, "FLUX.1-dev"),
-    },
-    "kandinsky22-decoder": {
-        "tiny": Preset(64),
-        "small": Preset(256, {"unet": {
-            "block_out_channels": [64, 128, 256], "layers_per_block": 1, "attention_head_dim": 32,
-            "down_block_types": ["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D"],
-            "up_block_types": ["SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"]}},
-            "decoder-shaped UNet, 64-128-256"),
-        "real": Preset(768, {"unet": K22_DECODER_UNET, "movq": K22_MOVQ, "image_encoder": K22_IMAGE_ENCODER},
-                       "Kandinsky 2.2 decoder"),
-    },
-}
-
 PROMPT = "a photo of sks dog"
+
+
+def family_presets(family: str) -> dict[str, Preset]:
+    """The bench presets of `family` (its folder's ``presets.py``)."""
+    from .families.registry import FAMILIES, family_module
+
+    if family not in FAMILIES:
+        raise DifftuneError(f"--family {family!r}: one of {', '.join(FAMILIES)}")
+    module = family_module(family, "presets")
+    presets = getattr(module, "PRESETS", {}).get(family)
+    if not presets:
+        have = [n for n in FAMILIES if getattr(family_module(n, "presets"), "PRESETS", {}).get(n)]
+        raise DifftuneError(f"--family {family!r}: the bench knows {', '.join(have)}")
+    return presets
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -199,7 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="tiny", help="model size: tiny, small or real (default tiny)")
     parser.add_argument("--resolution", type=int, help="image side in pixels (default: the preset's)")
     parser.add_argument("--batch", default="1", help="batch size, or a comma list to sweep (default 1)")
-    parser.add_argument("--method", choices=["lora", "full"], default="lora")
+    parser.add_argument("--method", choices=method_kinds(), default="lora")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
     parser.add_argument("--precision", choices=["no", "fp16", "bf16"],
                         help="mixed precision (default: bf16 on a GPU, no on a CPU)")
@@ -265,7 +166,7 @@ def command_line(args: argparse.Namespace, batch: int) -> str:
     """The `difftune bench` command that reruns exactly this case (for BENCHMARKS.md)."""
     parts = ["difftune bench", f"--family {args.family}", f"--preset {args.preset}", f"--batch {batch}",
              f"--mode {args.mode}", f"--method {args.method}"]
-    for flag, value in (("--resolution", args.resolution), ("--rank", args.rank if args.method == "lora" else None),
+    for flag, value in (("--resolution", args.resolution), ("--rank", args.rank if get_method_class(args.method).adapter else None),
                         ("--precision", args.precision), ("--steps", args.steps), ("--warmup", args.warmup),
                         ("--peak-tflops", args.peak_tflops)):
         if value is not None:
@@ -468,30 +369,26 @@ def build_part(like: Any, overrides: dict, device: Any, dtype: Any) -> Any:
     return module.to(device=device, dtype=dtype).requires_grad_(False).eval()
 
 
-def _tiny_paths(family: str, work: Path) -> tuple[str, str | None]:
-    """The tiny pipeline folder of `family` (and its prior's), written once under `work`."""
-    from .tiny import make_tiny
+def _tiny_model(family: str, work: Path) -> dict[str, str]:
+    """Config keys naming the tiny pipeline of `family` (and any companion), written once under `work`."""
+    from .tiny import make_tiny, tiny_config, tiny_folder
 
-    if family not in TINY_SOURCES:
-        raise DifftuneError(f"--family {family!r}: one of {', '.join(TINY_SOURCES)}")
-    source, sub, prior = TINY_SOURCES[family]
-    root = work / f"tiny-{source}"
+    folder = tiny_folder(family)
+    root = work / f"tiny-{folder}"
     if not root.exists():
-        make_tiny(source, root)
-    return str(root / sub if sub else root), (str(root / prior) if prior else None)
+        make_tiny(folder, root)
+    return tiny_config(root, family)
 
 
-def _case_config(case: Case, model_path: str, prior: str | None, resolution: int, precision: str, out: Path,
+def _case_config(case: Case, model: dict[str, str], resolution: int, precision: str, out: Path,
                  data_dir: Path | None = None) -> Any:
     from .config import load_config
 
     items = {
-        "model.path": model_path, "model.family": case.family, "method.kind": case.method, "method.rank": case.rank,
+        **model, "model.family": case.family, "method.kind": case.method, "method.rank": case.rank,
         "data.resolution": resolution, "train.batch_size": case.batch, "train.precision": precision,
         "checkpoint.every": 0, "output_dir": str(out),
     }
-    if prior:
-        items["model.prior"] = prior
     if data_dir is not None:
         items["data.concepts"] = f"[{{dir: '{data_dir}', prompt: '{PROMPT}'}}]"
     if case.steps is not None:
@@ -508,13 +405,14 @@ def build_family(cfg: Any, device: Any, weight_dtype: Any, preset: Preset, every
 
     family = get_family(cfg.model.family)(cfg, device, weight_dtype)
     family.load()
-    full = set(family.trainable_part_names()) if cfg.method.kind == "full" else set()
+    trained = set(family.trainable_part_names())
+    trained_dtype = get_method(cfg.method).part_dtype(weight_dtype)
     meta = torch.device("meta")
     on_device = {name: everything_on_device or name == family.denoiser for name in preset.parts}
     if device.type != "meta":  # fail before building what cannot fit (the real FLUX on a laptop)
         shapes = {name: build_part(family.parts[name], preset.parts[name], meta, torch.float32)
                   for name, here in on_device.items() if here}
-        need = sum(p.numel() * (4 if name in full else weight_dtype.itemsize)
+        need = sum(p.numel() * (trained_dtype.itemsize if name in trained else weight_dtype.itemsize)
                    for name, part in shapes.items() for p in part.parameters())
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _available_ram()
         if need > free:
@@ -522,7 +420,7 @@ def build_family(cfg: Any, device: Any, weight_dtype: Any, preset: Preset, every
                 f"{preset.note} ({', '.join(shapes)}): {need / 1e9:.1f} GB of weights alone, but the {device.type} has "
                 f"{free / 1e9:.1f} GB free; use a smaller preset, or --mode flops to count its FLOPs without running it")
     for name, overrides in preset.parts.items():
-        dtype = torch.float32 if name in full else weight_dtype
+        dtype = trained_dtype if name in trained else weight_dtype
         family.parts[name] = build_part(family.parts[name], overrides, device if on_device[name] else meta, dtype)
     return family
 
@@ -593,9 +491,7 @@ def run_case(case: Case, work: Path) -> dict:
 
     if case.mode not in MODES:
         raise DifftuneError(f"--mode {case.mode!r}: one of {', '.join(MODES)}")
-    if case.family not in PRESETS:
-        raise DifftuneError(f"--family {case.family!r}: the bench knows {', '.join(PRESETS)}")
-    presets = PRESETS[case.family]
+    presets = family_presets(case.family)
     if case.preset not in presets:
         raise DifftuneError(f"--preset {case.preset!r}: one of {', '.join(presets)} for {case.family}")
     if case.batch < 1 or case.warmup < 0 or (case.steps is not None and case.steps < 1):
@@ -606,16 +502,16 @@ def run_case(case: Case, work: Path) -> dict:
     precision = case.precision or ("bf16" if cuda else "no")
     resolution = case.resolution or preset.resolution
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    model_path, prior = _tiny_paths(case.family, work)
+    model = _tiny_model(case.family, work)
     out = Path(tempfile.mkdtemp(prefix="run-", dir=work))
-    cfg = _case_config(case, model_path, prior, resolution, precision, out)
+    cfg = _case_config(case, model, resolution, precision, out)
     if cfg.method.train_text_encoder:
         raise DifftuneError("the bench times the denoiser with cached prompt embeddings; drop method.train_text_encoder")
 
     row: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"), "family": case.family, "preset": case.preset, "mode": case.mode,
-        "method": case.method, "rank": case.rank if case.method == "lora" else None,
-        "method_label": f"lora{case.rank}" if case.method == "lora" else "full",
+        "method": case.method, "rank": case.rank if get_method_class(case.method).adapter else None,
+        "method_label": get_method(cfg.method).label(),
         "resolution": resolution, "batch": case.batch, "precision": precision, "device": _device_name(device),
         "threads": torch.get_num_threads(), "overrides": list(case.overrides),
         "gradient_checkpointing": cfg.train.gradient_checkpointing, "speed": asdict(cfg.speed),
@@ -712,7 +608,6 @@ def _run_train(case: Case, cfg: Any, preset: Preset, device: Any, weight_dtype: 
     from accelerate import Accelerator
 
     from . import speed
-    from .adapters import lora
     from .families.base import unwrap
     from .train import _make_optimizer, _micro_step, attach_method, micro_seed
 
@@ -742,7 +637,8 @@ def _run_train(case: Case, cfg: Any, preset: Preset, device: Any, weight_dtype: 
     probe_s = time.perf_counter() - t_probe
 
     speed.apply(family.parts[family.denoiser], cfg, weight_dtype)
-    groups = [{"params": lora.trainable_parameters(family.parts[name]), "lr": cfg.train.lr} for name in part_names]
+    method = get_method(cfg.method)
+    groups = [{"params": method.trainable_parameters(family.parts[name]), "lr": cfg.train.lr} for name in part_names]
     params = [p for g in groups for p in g["params"]]
     optimizer = accelerator.prepare(_make_optimizer(cfg, groups))
     for name in part_names:
@@ -807,7 +703,6 @@ def _run_flops(case: Case, cfg: Any, preset: Preset) -> dict:
     any machine: the real FLUX.1-dev counts in seconds on a laptop). Nothing runs, nothing is timed."""
     import torch
 
-    from .adapters import lora
     from .families.base import unwrap
     from .train import attach_method
 
@@ -823,7 +718,7 @@ def _run_flops(case: Case, cfg: Any, preset: Preset) -> dict:
         "flops_per_step": total,
         "flops_forward": forward,
         "params_total": sum(p.numel() for p in denoiser.parameters()),
-        "params_trained": sum(p.numel() for n in part_names for p in lora.trainable_parameters(family.parts[n])),
+        "params_trained": sum(p.numel() for n in part_names for p in get_method(cfg.method).trainable_parameters(family.parts[n])),
     }
 
 
@@ -861,9 +756,11 @@ def _make_baseline(case: Case, cfg: Any, device: Any, weight_dtype: Any) -> Any:
     if case.family not in BASELINES:
         raise DifftuneError(
             f"--mode {case.mode}: no re-created diffusers script for {case.family} (have: {', '.join(BASELINES)})")
-    if case.preset != "tiny" or case.method != "lora":
-        raise DifftuneError(f"--mode {case.mode} loads the diffusers pipeline folder: tiny preset, LoRA only")
-    return BASELINES[case.family](cfg, device, weight_dtype)
+    baseline = BASELINES[case.family]
+    if case.preset != "tiny" or case.method != baseline.method:
+        raise DifftuneError(f"--mode {case.mode} loads the diffusers pipeline folder: tiny preset, "
+                            f"method {baseline.method} only")
+    return baseline(cfg, device, weight_dtype)
 
 
 def _run_baseline(case: Case, cfg: Any, preset: Preset, device: Any, weight_dtype: Any, work: Path) -> dict:
@@ -889,7 +786,7 @@ def _run_e2e(case: Case, cfg: Any, preset: Preset, device: Any, weight_dtype: An
     steps = case.steps or 20
     data_dir = _write_images(work / "images", cfg.data.resolution)
     out = Path(tempfile.mkdtemp(prefix="e2e-", dir=work))
-    run_cfg = _case_config(Case(**{**asdict(case), "steps": steps}), cfg.model.path, cfg.model.prior,
+    run_cfg = _case_config(Case(**{**asdict(case), "steps": steps}), _tiny_model(case.family, work),
                            cfg.data.resolution, cfg.train.precision, out, data_dir)
     t = time.perf_counter()
     if case.mode == "e2e":
@@ -936,6 +833,9 @@ class DreamBoothLoraFlux:
     Images come as ready pixel tensors (the script's dataset prepares them once up front).
     """
 
+    #: the difftune method it is compared with
+    method = "lora"
+
     def __init__(self, cfg: Any, device: Any, weight_dtype: Any):
         import copy
 
@@ -946,7 +846,7 @@ class DreamBoothLoraFlux:
         from peft import LoraConfig
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-        from .families.flux import ATTENTION
+        from .families.flux.family import ATTENTION
 
         path = cfg.model.path
         self.device, self.weight_dtype, self.cfg = device, weight_dtype, cfg

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from . import DifftuneError
+from .methods import get_method_class
 
 
 class ConfigError(DifftuneError):
@@ -490,15 +491,7 @@ def validate(cfg: Config, *, resolution_multiple: int | None = None, check_paths
     if not cfg.output_dir:
         problems.append("output_dir is required")
     m, t, d, c = cfg.method, cfg.train, cfg.data, cfg.checkpoint
-    if m.kind == "lora":
-        if m.rank <= 0:
-            problems.append(f"method.rank must be > 0, got {m.rank}")
-        if m.alpha is not None and m.alpha <= 0:
-            problems.append(f"method.alpha must be > 0, got {m.alpha}")
-        if not 0.0 <= m.dropout < 1.0:
-            problems.append(f"method.dropout must be in [0, 1), got {m.dropout}")
-    elif m.init_lora:
-        problems.append("method.init_lora needs method.kind: lora")
+    problems += get_method_class(m.kind).problems(m)
     for key, value in (("train.steps", t.steps), ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum)):
         if value < 1:
             problems.append(f"{key} must be >= 1, got {value}")
@@ -552,11 +545,11 @@ def validate(cfg: Config, *, resolution_multiple: int | None = None, check_paths
     if p.output_weight > 0:
         if not p.prompts:
             problems.append("preserve.output_weight needs preserve.prompts (trigger-free prompts to keep)")
-        if m.kind != "lora" or m.train_text_encoder:
-            problems.append("preserve.output_weight needs method.kind: lora without train_text_encoder "
-                            "(the base prediction is the denoiser with its adapter disabled)")
-    if p.clora_weight > 0 and not (m.kind == "lora" and m.init_lora):
-        problems.append("preserve.clora_weight needs method.kind: lora and method.init_lora (the LoRA to protect)")
+        if not get_method_class(m.kind).adapter or m.train_text_encoder:
+            problems.append("preserve.output_weight needs an adapter method (method.kind: lora) without "
+                            "train_text_encoder (the base prediction is the denoiser with its adapter disabled)")
+    if p.clora_weight > 0 and not m.init_lora:
+        problems.append("preserve.clora_weight needs method.init_lora (the LoRA whose use it protects)")
     if cfg.validation.eval_every < 0:
         problems.append(f"validation.eval_every must be >= 0, got {cfg.validation.eval_every}")
     if cfg.validation.every < 0:

@@ -88,12 +88,12 @@ def run_demo(out: Path, steps: int = 150) -> dict:
     """Run the demo into `out`; returns the paths and figures it printed."""
     from .config import load_config
     from .generate import generate
-    from .tiny import TINY_RESOLUTION, make_tiny
+    from .tiny import make_tiny, tiny_resolution
     from .train import read_losses, train
 
     t0 = time.time()
     out = out.resolve()
-    resolution = TINY_RESOLUTION["sd"]
+    resolution = tiny_resolution("sd")
     model = make_tiny("sd", out / "tiny-sd")
     data = make_dataset(out / "data", size=resolution)
     run_dir = out / "run"

@@ -33,8 +33,7 @@ def write_report(output_dir: str | Path, facts: dict | None = None) -> Path:
     model, method = cfg["model"], cfg["method"]
     lines = [f"# difftune run: {out.name}", ""]
     lines += [f"- model: `{model['path']}` (family `{facts.get('family', model['family'])}`)",
-              f"- method: {method['kind']}" + (f", rank {method['rank']}, alpha {method['alpha'] or method['rank']}"
-                                                 if method["kind"] == "lora" else ""),
+              f"- method: {facts.get('method', method['kind'])}",
               f"- training: {_loss_summary(losses)}"]
     for key, label in (("images", "training images"), ("trainable_parameters", "trainable parameters"),
                        ("seconds_per_step", "seconds per step"), ("total_seconds", "training time (s)")):

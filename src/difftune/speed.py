@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 import torch  # this module is imported by train.py and bench.py at run time only, never by the CLI
 
 from . import DifftuneError
+from .methods import get_method_class
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from .config import Config
@@ -65,10 +66,11 @@ def setup(cfg: "Config", device: torch.device) -> None:
     """Check that every speed switch can run on `device`, then set the global matmul flags."""
     s = cfg.speed
     cuda = device.type == "cuda"
-    if s.base_weights != "auto" and cfg.method.kind != "lora":
+    if s.base_weights != "auto" and not get_method_class(cfg.method.kind).adapter:
         raise DifftuneError(
             f"speed.base_weights={s.base_weights} stores the frozen base weights in low precision, which only "
-            "LoRA has; use method.kind=lora or speed.base_weights=auto"
+            f"adapter methods (LoRA) have, not method.kind={cfg.method.kind}; use method.kind=lora or "
+            "speed.base_weights=auto"
         )
     if s.base_weights == "nf4":
         try:

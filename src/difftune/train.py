@@ -24,6 +24,7 @@ from pathlib import Path
 from . import DifftuneError
 from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import Config, config_from_dict, to_dict, validate
+from .methods import get_method
 
 #: exit code of a run stopped by SIGTERM / SIGINT after saving a checkpoint ("try again later")
 EXIT_INTERRUPTED = 75
@@ -186,7 +187,6 @@ def train(cfg: Config, log=print) -> Path:
     from diffusers.optimization import get_scheduler
 
     from . import speed
-    from .adapters import lora
     from .data.cache import FeatureStore, ImageFeatures, PromptFeatures
     from .data.dataset import TrainingData, build_items
     from .data.mix import mixed_sources
@@ -232,20 +232,18 @@ def train(cfg: Config, log=print) -> Path:
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.train.precision]
     family = family_cls(cfg, accelerator.device, weight_dtype)
     family.load()
+    method = get_method(cfg.method)
     part_names = attach_method(family, cfg)
-    if cfg.method.kind == "lora" and cfg.method.init_lora:  # on resume the checkpoint then overwrites it
-        lora.init_from_lora(family, cfg.method.init_lora, part_names)
-        if not resumed:
-            say(f"starting from LoRA {cfg.method.init_lora}")
-    # preservation losses (cfg.preserve, objectives/preserve.py); they see the starting LoRA, not a resumed one
-    terms = make_terms(cfg, family, lambda prompts: prompt_features(prompts))
+    # also on resume: preservation terms see the starting weights (e.g. method.init_lora); the checkpoint then overwrites them
+    method.start(family, part_names, say if not resumed else (lambda *_: None))
+    terms = make_terms(cfg, family, lambda prompts: prompt_features(prompts))  # cfg.preserve, objectives/preserve.py
     speed.apply(family.parts[family.denoiser], cfg, weight_dtype)
     say(f"speed: {speed.describe(cfg)}")
 
     groups = []
     for name in part_names:
         lr = cfg.train.text_encoder_lr if name != family.denoiser and cfg.train.text_encoder_lr else cfg.train.lr
-        groups.append({"params": lora.trainable_parameters(family.parts[name]), "lr": lr})
+        groups.append({"params": method.trainable_parameters(family.parts[name]), "lr": lr})
     n_trainable = sum(p.numel() for g in groups for p in g["params"])
     optimizer = _make_optimizer(cfg, groups)
     lr_scheduler = get_scheduler(
@@ -256,11 +254,11 @@ def train(cfg: Config, log=print) -> Path:
         family.parts[name] = accelerator.prepare(family.parts[name])
     optimizer = accelerator.prepare(optimizer)
     objective = family.make_objective()
-    say(f"{family.name} {cfg.method.kind}: {n_trainable:,} trainable parameters in {', '.join(part_names)}")
+    say(f"{family.name} {method.label()}: {n_trainable:,} trainable parameters in {', '.join(part_names)}")
 
     start = 0
     if resumed:
-        _restore(family, part_names, cfg, resumed, optimizer, lr_scheduler, accelerator)
+        _restore(family, method, part_names, resumed, optimizer, lr_scheduler, accelerator)
         start = resumed["state"]["step"]
         say(f"resuming from {resume_from} (step {start} of {cfg.train.steps})")
 
@@ -362,7 +360,7 @@ def train(cfg: Config, log=print) -> Path:
             # the last step is checkpointed too, so a rerun with more steps continues from it
             due = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
             if due or stopping or step == cfg.train.steps:
-                _save(family, part_names, cfg, step, data, optimizer, lr_scheduler, accelerator)
+                _save(family, method, part_names, cfg, step, data, optimizer, lr_scheduler, accelerator)
             if stopping and step < cfg.train.steps:
                 progress.close()
                 raise Interrupted(
@@ -379,22 +377,15 @@ def train(cfg: Config, log=print) -> Path:
     elapsed = time.time() - t0
     accelerator.wait_for_everyone()
     if main:
-        _check_finite(family, part_names)
-        if cfg.method.kind == "lora":
-            family.save_lora(
-                out,
-                {n: lora.lora_state_dict(family.parts[n]) for n in part_names},
-                {n: lora.lora_metadata(family.parts[n]) for n in part_names},
-            )
-        else:
-            family.save_full(out)
+        _check_finite(family, method, part_names)
+        method.save(family, out, part_names)
     if cfg.validation.prompts:
         _samples(family, cfg, step, accelerator)
     accelerator.end_training()
     if main:
         from .report import write_report
 
-        facts = {"family": family.name, "images": len(items), "trainable_parameters": n_trainable}
+        facts = {"family": family.name, "method": method.describe(), "images": len(items), "trainable_parameters": n_trainable}
         if step > start:
             facts.update(total_seconds=elapsed, seconds_per_step=elapsed / (step - start))
             say(f"trained steps {start + 1}-{step} in {elapsed:.1f}s ({elapsed / (step - start):.3f} s/step)")
@@ -406,17 +397,13 @@ def train(cfg: Config, log=print) -> Path:
 
 
 def attach_method(family, cfg: Config) -> list[str]:
-    """Make the trained parts trainable (LoRA adapters or every weight), in train mode, with gradient
+    """Make the trained parts trainable (by the configured method), in train mode, with gradient
     checkpointing if asked; returns their names. Shared with `difftune bench`, which times this setup."""
-    from .adapters import lora
-
+    method = get_method(cfg.method)
     part_names = family.trainable_part_names()
     for name in part_names:
         module = family.parts[name]
-        if cfg.method.kind == "lora":
-            lora.add_lora(module, name, lora.targets_for(name, family.lora_targets, cfg.method, family.denoiser), cfg.method)
-        else:
-            module.requires_grad_(True)
+        method.attach(module, name, family.lora_targets, family.denoiser)
         module.train()
         if cfg.train.gradient_checkpointing:
             enable = getattr(module, "enable_gradient_checkpointing", None) or module.gradient_checkpointing_enable
@@ -460,33 +447,28 @@ def _no_sync(accelerator, family, part_names, sync: bool):
     return stack
 
 
-def trainable_tensors(family, part_names, cfg: Config) -> dict:
-    from .adapters import lora
-    from .families.base import unwrap
-
+def trainable_tensors(family, method, part_names) -> dict:
+    """The trained weights as checkpoints store them: ``{part}.{name}`` keys."""
     tensors = {}
     for name in part_names:
-        module = family.parts[name]
-        state = lora.lora_state_dict(module) if cfg.method.kind == "lora" else unwrap(module).state_dict()
+        state = method.state_dict(family.parts[name])
         tensors.update({f"{name}.{k}": v for k, v in state.items()})
     return tensors
 
 
-def _check_finite(family, part_names) -> None:
+def _check_finite(family, method, part_names) -> None:
     import torch
 
-    from .adapters import lora
-
     for name in part_names:
-        for p in lora.trainable_parameters(family.parts[name]):
+        for p in method.trainable_parameters(family.parts[name]):
             if not torch.isfinite(p).all():
                 raise DifftuneError(f"{name} has non-finite weights; nothing was saved (the last checkpoint is intact)")
 
 
-def _save(family, part_names, cfg, step, data, optimizer, lr_scheduler, accelerator) -> None:
+def _save(family, method, part_names, cfg, step, data, optimizer, lr_scheduler, accelerator) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _check_finite(family, part_names)
+        _check_finite(family, method, part_names)
         rng_tensors, rng_plain = _rng_state()
         epoch, _ = data.plan.batch(step * cfg.train.grad_accum * accelerator.num_processes)
         state = {
@@ -499,35 +481,26 @@ def _save(family, part_names, cfg, step, data, optimizer, lr_scheduler, accelera
         }
         t = time.time()
         path = save_checkpoint(
-            cfg.output_dir, step, trainable_tensors(family, part_names, cfg), optimizer.state_dict(),
+            cfg.output_dir, step, trainable_tensors(family, method, part_names), optimizer.state_dict(),
             rng_tensors, state, _dump_yaml(cfg), cfg.checkpoint.keep,
         )
         _progress_write(f"checkpoint {path.name} saved in {time.time() - t:.1f}s")
     accelerator.wait_for_everyone()
 
 
-def load_trainable_tensors(family, part_names, cfg, tensors: dict, where: str = "checkpoint") -> None:
+def load_trainable_tensors(family, method, part_names, tensors: dict, where: str = "checkpoint") -> None:
     """Put trained weights (``{part}.{name}`` keys, as `trainable_tensors` makes them and checkpoints
     store them) into the trained parts; shared with `difftune eval`, which loads each checkpoint so."""
-    from .adapters import lora
-    from .families.base import unwrap
-
     for name in part_names:
         prefix = f"{name}."
         state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         if not state:
             raise CheckpointError(f"{where} has no weights for {name}")
-        module = unwrap(family.parts[name])
-        if cfg.method.kind == "lora":
-            lora.set_lora_state_dict(module, state, where)
-        else:
-            missing, unexpected = module.load_state_dict(state, strict=False)
-            if missing or unexpected:
-                raise CheckpointError(f"{where} weights do not fit {name} ({len(missing)} missing, {len(unexpected)} unexpected)")
+        method.load_state_dict(family.parts[name], state, f"{where} ({name})")
 
 
-def _restore(family, part_names, cfg, resumed, optimizer, lr_scheduler, accelerator) -> None:
-    load_trainable_tensors(family, part_names, cfg, resumed["tensors"])
+def _restore(family, method, part_names, resumed, optimizer, lr_scheduler, accelerator) -> None:
+    load_trainable_tensors(family, method, part_names, resumed["tensors"])
     try:
         optimizer.load_state_dict(resumed["optimizer"])
     except (ValueError, KeyError) as e:

@@ -296,6 +296,7 @@ def evaluate_run(folder: str | Path, *, prompts_file: str | None = None, scorer_
     from ..data.dataset import build_items
     from ..families.registry import resolve_family
     from ..generate import pick_device
+    from ..methods import get_method
     from ..train import attach_method, load_trainable_tensors, trainable_tensors
 
     folder = Path(folder)
@@ -315,7 +316,8 @@ def evaluate_run(folder: str | Path, *, prompts_file: str | None = None, scorer_
     family = family_cls(cfg, dev, dtype)
     family.load()
     part_names = attach_method(family, cfg)
-    base_tensors = {k: t.detach().clone() for k, t in trainable_tensors(family, part_names, cfg).items()}
+    method = get_method(cfg.method)
+    base_tensors = {k: t.detach().clone() for k, t in trainable_tensors(family, method, part_names).items()}
     final = _final_tensors(folder, cfg, family, part_names)
     for w in weights:
         if w.name == "final":
@@ -330,7 +332,7 @@ def evaluate_run(folder: str | Path, *, prompts_file: str | None = None, scorer_
     from tqdm.auto import tqdm
 
     for w in tqdm([Weights("base", 0, lambda: base_tensors), *weights], desc="eval", unit="weights", disable=None):
-        load_trainable_tensors(family, part_names, cfg, w.load(), where=f"{folder} {w.name}")
+        load_trainable_tensors(family, method, part_names, w.load(), where=f"{folder} {w.name}")
         with _sampling(family, cfg):
             if w.name == "base":
                 base_neutral = sampler(prompts.neutral) if prompts.neutral else None

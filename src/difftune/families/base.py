@@ -12,7 +12,7 @@ A family wraps a diffusers pipeline folder (hub id or local) and answers, in mod
 - how trained weights are written so that the matching diffusers pipeline loads them
   (`save_lora`, `save_full`) and how images are sampled (`sample`, `load_pipeline`, `generate`).
 
-Shared code (train.py, generate.py, adapters) only talks to this interface; it never asks which
+Shared code (train.py, generate.py, methods) only talks to this interface; it never asks which
 family it has. Feature dicts hold batched tensors whose first dimension is the batch, so they can
 be cached per item and collated again.
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -30,6 +31,17 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
 
     from ..config import Config
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A model size for `difftune bench` (each family folder's ``presets.py``): config overrides per part
+    on top of the tiny pipeline's configs. ``tiny`` changes nothing; ``small`` only the denoiser (its
+    conditioning sizes stay the tiny encoders'); ``real`` every part whose sizes the inputs depend on."""
+
+    resolution: int
+    parts: dict[str, dict] = field(default_factory=dict)
+    note: str = ""
 
 
 def unwrap(module: Any) -> Any:
@@ -158,11 +170,14 @@ class Family:
         """
         import torch
 
+        from ..methods import get_method
+
         m = self.cfg.model
         self.index = read_model_index(m.path, m.revision)
-        full = set(self.trainable_part_names()) if self.cfg.method.kind == "full" else set()
+        trained = set(self.trainable_part_names())
+        trained_dtype = get_method(self.cfg.method).part_dtype(self.weight_dtype)
         for name, spec in pipeline_parts(self.index).items():
-            dtype = torch.float32 if name in full else self.weight_dtype
+            dtype = trained_dtype if name in trained else self.weight_dtype
             part = load_part(m.path, name, spec, dtype, m.revision, m.variant)
             if isinstance(part, torch.nn.Module):
                 part.to(self.device)
@@ -332,13 +347,13 @@ class Family:
 
     @classmethod
     def kohya_layout(cls) -> Any:
-        """How `difftune export` names this family's LoRA modules in the kohya layout (export.py).
+        """How `difftune export` names this family's LoRA modules in the kohya layout (formats/kohya.py).
 
         Default, kohya's naming of SD 1.x/2.x LoRAs: the module path with ``_`` for ``.`` after
         ``lora_unet`` (the denoiser) or ``lora_te`` (the first text encoder; ``lora_te2``... after it),
         text encoders named as CLIP checkpoints name them (``text_model.encoder...``).
         """
-        from ..export import KohyaLayout
+        from ..formats.kohya import KohyaLayout
 
         prefixes = {cls.denoiser: "lora_unet"}
         prefixes.update({name: f"lora_te{i + 1 if i else ''}" for i, name in enumerate(cls.text_encoders)})

@@ -1,22 +1,25 @@
 """Family lookup by name or by the pipeline class in ``model_index.json``.
 
-Adding a family: write its module with a `Family` subclass and add one line to `FAMILIES`.
-Modules are imported only when asked for, so the CLI starts fast.
+Adding a family: write its folder ``families/<folder>/`` (``family.py`` with a `Family` subclass,
+``tiny.py``, ``presets.py``, and ``kohya.py`` / ``options.py`` where it needs them) and add one line
+to `FAMILIES`. Everything else (``difftune tiny``, the bench, export, generate, the config) finds
+the folder through this registry. Modules are imported only when asked for, so the CLI starts fast.
 """
 
 from __future__ import annotations
 
 import importlib
+from types import ModuleType
 
 from .. import DifftuneError
 from .base import Family, read_model_index
 
-#: family name -> "module:Class"
+#: family name -> "module:Class" (the ``family.py`` of its folder)
 FAMILIES: dict[str, str] = {
-    "sd": "difftune.families.sd:StableDiffusion",
-    "flux": "difftune.families.flux:Flux",
-    "kandinsky22-prior": "difftune.families.kandinsky22:KandinskyPrior",
-    "kandinsky22-decoder": "difftune.families.kandinsky22:KandinskyDecoder",
+    "sd": "difftune.families.sd.family:StableDiffusion",
+    "flux": "difftune.families.flux.family:Flux",
+    "kandinsky22-prior": "difftune.families.kandinsky22.family:KandinskyPrior",
+    "kandinsky22-decoder": "difftune.families.kandinsky22.family:KandinskyDecoder",
 }
 
 
@@ -32,6 +35,37 @@ def get_family(name: str) -> type[Family]:
             raise DifftuneError(f"model family {name!r} is not available in this version of difftune") from None
         raise
     return getattr(module, class_name)
+
+
+def folder_of(name: str) -> str:
+    """The folder (package) of family `name`, e.g. ``difftune.families.kandinsky22``."""
+    if name not in FAMILIES:
+        raise DifftuneError(f"unknown model family {name!r}; known: {', '.join(FAMILIES)}")
+    return FAMILIES[name].split(":")[0].rsplit(".", 1)[0]
+
+
+def folders() -> dict[str, list[str]]:
+    """Short folder name (``sd``, ``kandinsky22``) -> the family names it registers, in registry order."""
+    out: dict[str, list[str]] = {}
+    for name in FAMILIES:
+        out.setdefault(folder_of(name).rsplit(".", 1)[1], []).append(name)
+    return out
+
+
+def folder_module(folder: str, module: str) -> ModuleType | None:
+    """Module `module` (``tiny``, ``presets``, ``options``, ...) of a family folder, or None if it has none."""
+    package = f"difftune.families.{folder}"
+    try:
+        return importlib.import_module(f"{package}.{module}")
+    except ModuleNotFoundError as e:
+        if e.name == f"{package}.{module}":
+            return None
+        raise
+
+
+def family_module(name: str, module: str) -> ModuleType | None:
+    """Module `module` of the folder of family `name`, or None if the folder has none."""
+    return folder_module(folder_of(name).rsplit(".", 1)[1], module)
 
 
 def detect_family(model_path: str, revision: str | None = None) -> str:

@@ -36,7 +36,7 @@ class OutputPreservation:
         """The base model's prediction: the denoiser with its adapter disabled, no gradient."""
         import torch
 
-        from ..adapters.lora import adapters_disabled
+        from ..methods.lora import adapters_disabled
 
         with torch.no_grad(), adapters_disabled(self.family.parts[self.family.denoiser]):
             return self.family.predict(x_t, t, conditioning).float()
@@ -50,7 +50,7 @@ class OutputPreservation:
 
 class ContinualPenalty:
     def __init__(self, module: Any, weight: float):
-        from ..adapters.lora import lora_deltas
+        from ..methods.lora import lora_deltas
 
         self.weight = weight
         self.layers = []

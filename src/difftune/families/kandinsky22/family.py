@@ -35,9 +35,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .. import DifftuneError
-from ..objectives.ddpm import DDPMObjective
-from .base import Family, load_part, read_model_index
+from ... import DifftuneError
+from ...objectives.ddpm import DDPMObjective
+from ..base import Family, load_part, read_model_index
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 #: the decoder's SimpleCrossAttn blocks project the image-embedding tokens with their own key/value layers
@@ -178,7 +178,7 @@ class _Kandinsky(Family):
     def feature_identity(self, kind: str) -> dict[str, Any]:
         """The base identity plus, for images, the on-disk identity of the CLIP image encoder and its
         processor (and of whatever else `clip_sources` names), so a changed encoder misses the cache."""
-        from ..data.cache import part_fingerprint
+        from ...data.cache import part_fingerprint
 
         identity = super().feature_identity(kind)
         if kind == "images":

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..objectives.ddpm import DDPMObjective
-from .base import Family
+from ...objectives.ddpm import DDPMObjective
+from ..base import Family
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 CLIP_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]

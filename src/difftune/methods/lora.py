@@ -8,16 +8,19 @@ continuing from an existing LoRA file) is here and family-independent.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import DifftuneError
-from ..config import MethodConfig
 from ..families.base import unwrap
+from . import Method
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from ..config import MethodConfig
 
 ADAPTER = "default"
 
 
-def targets_for(part: str, defaults: dict[str, list[str]], method: MethodConfig, denoiser: str) -> Any:
+def targets_for(part: str, defaults: dict[str, list[str]], method: "MethodConfig", denoiser: str) -> Any:
     """Target modules for `part`: the config's `target_modules` for the denoiser, else the family default."""
     if part == denoiser and method.target_modules:
         return method.target_modules
@@ -26,7 +29,7 @@ def targets_for(part: str, defaults: dict[str, list[str]], method: MethodConfig,
     return defaults[part]
 
 
-def add_lora(module: Any, part: str, targets: Any, method: MethodConfig) -> None:
+def add_lora(module: Any, part: str, targets: Any, method: "MethodConfig") -> None:
     """Inject a trainable LoRA adapter into `module` (a diffusers model or a transformers encoder).
 
     Base weights are frozen; LoRA weights are created in fp32 (gaussian A, zero B, so the adapted
@@ -51,10 +54,6 @@ def add_lora(module: Any, part: str, targets: Any, method: MethodConfig) -> None
     for p in module.parameters():
         if p.requires_grad:
             p.data = p.data.to(torch.float32)
-
-
-def trainable_parameters(module: Any) -> list:
-    return [p for p in unwrap(module).parameters() if p.requires_grad]
 
 
 def lora_state_dict(module: Any) -> dict:
@@ -128,6 +127,55 @@ def init_from_lora(family: Any, path: str, parts: list[str]) -> None:
                     f"{tuple(expected[key].shape)} (check method.rank)"
                 )
         set_lora_state_dict(model, {k: v.to(torch.float32) for k, v in sub.items()}, f"method.init_lora {file}")
+
+
+class Lora(Method):
+    """Low-rank adapters (peft) on the family's target modules; the base weights stay frozen.
+
+    Output: ``pytorch_lora_weights.safetensors`` written by the family (``Family.save_lora``), which
+    the pipeline's ``load_lora_weights`` reads.
+    """
+
+    kind = "lora"
+    adapter = True
+
+    @classmethod
+    def problems(cls, cfg: "MethodConfig") -> list[str]:
+        problems = []
+        if cfg.rank <= 0:
+            problems.append(f"method.rank must be > 0, got {cfg.rank}")
+        if cfg.alpha is not None and cfg.alpha <= 0:
+            problems.append(f"method.alpha must be > 0, got {cfg.alpha}")
+        if not 0.0 <= cfg.dropout < 1.0:
+            problems.append(f"method.dropout must be in [0, 1), got {cfg.dropout}")
+        return problems
+
+    def label(self) -> str:
+        return f"{self.kind}{self.cfg.rank}"
+
+    def describe(self) -> str:
+        return f"{self.kind}, rank {self.cfg.rank}, alpha {self.cfg.alpha or self.cfg.rank}"
+
+    def attach(self, module: Any, part: str, targets: dict[str, list[str]], denoiser: str) -> None:
+        add_lora(module, part, targets_for(part, targets, self.cfg, denoiser), self.cfg)
+
+    def start(self, family: Any, part_names: list[str], log) -> None:
+        if self.cfg.init_lora:
+            init_from_lora(family, self.cfg.init_lora, part_names)
+            log(f"starting from LoRA {self.cfg.init_lora}")
+
+    def state_dict(self, module: Any) -> dict:
+        return lora_state_dict(module)
+
+    def load_state_dict(self, module: Any, state: dict, where: str) -> None:
+        set_lora_state_dict(module, state, where)
+
+    def save(self, family: Any, out_dir: Path, part_names: list[str]) -> None:
+        family.save_lora(
+            out_dir,
+            {n: lora_state_dict(family.parts[n]) for n in part_names},
+            {n: lora_metadata(family.parts[n]) for n in part_names},
+        )
 
 
 def adapters_disabled(module: Any):

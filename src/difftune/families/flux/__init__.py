@@ -1,0 +1,1 @@
+"""FLUX.1 dev and schnell (``FluxPipeline``)."""

@@ -1,0 +1,1 @@
+"""LoRA file layouts and conversions between them; no family is named here."""
