@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                "print the config reference or check a config file"),
     "eval": ("difftune.evaluate.cli:add_arguments:run:EXAMPLES",
              "score a run's final weights and checkpoints per concept, and its drift from the base model"),
+    "world": ("difftune.world.commands:add_arguments:run:EXAMPLES",
+              "the procedural world: the forgetting journey (and, with the world models, more)"),
     "data": ("difftune.data.check:add_arguments:run:EXAMPLES",
              "check training data: counts, sizes, aspect ratios, captions and problems per file"),
 }

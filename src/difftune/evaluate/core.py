@@ -134,6 +134,8 @@ def concept_sources(cfg, items) -> tuple[dict[str, list[str]], dict[str, list[st
     prompts: dict[str, list[str]] = {}
     paths: dict[str, list[str]] = {}
     for item in items:
+        if item.concept >= len(names):
+            continue  # replayed concepts and class images (data/mix.py) are not this run's concepts
         name = names[item.concept]
         prompts.setdefault(name, []).append(prompt_for(item, cfg.data.concepts[item.concept]))
         paths.setdefault(name, []).append(item.path)
