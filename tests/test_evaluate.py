@@ -206,3 +206,13 @@ def test_eval_bad_input_one_line(tmp_path, world_run, capsys):
     assert err.count("\n") == 1 and "unknown metric 'sharpness'" in err
     after = (world_run / "eval.json").stat().st_mtime_ns if (world_run / "eval.json").exists() else None
     assert before == after  # nothing written
+
+
+def test_eval_flux_run(tmp_path, tiny_flux):
+    data = world_folder(tmp_path / "dots", n=2)
+    out = train(load_config(None, base_overrides(tiny_flux, data, tmp_path / "run", steps=1, **{
+        "data.concepts": f"[{{dir: '{data}'}}]", "validation.steps": 1})), log=quiet)
+    assert main(["eval", str(out), "--per-concept", "1"]) == 0
+    data = json.loads((out / "eval.json").read_text())
+    assert [r["weights"] for r in data["results"]] == ["base", "step-00000001", "final"]
+    assert data["results"][0]["metrics"]["drift"] == 0.0

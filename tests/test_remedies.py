@@ -214,20 +214,24 @@ def test_continual_penalty_protects_what_the_earlier_lora_uses(tmp_path, tiny_sd
     from difftune.methods.lora import lora_deltas
     from difftune.objectives.preserve import ContinualPenalty
 
-    _, family = lora_family(tiny_sd, tmp_path)
+    _, family = lora_family(tiny_sd, tmp_path, **{"method.target_modules": "[to_q, to_k, to_v, conv1]"})
     torch.manual_seed(0)
     layers = lora_deltas(family.parts["unet"])
+    assert any(a.dim() == 4 for a, _, _ in layers.values())  # convolutions are covered too
     for a, b, _ in layers.values():
         b.data.normal_(0, 0.1)
         b.data[: b.shape[0] // 2] = 0  # the earlier LoRA leaves half of each layer's outputs alone
     penalty = ContinualPenalty(family.parts["unet"], 2.0)
     assert float(penalty()) == 0.0
-    a, b, _ = next(iter(layers.values()))
-    with torch.no_grad():
-        b[: b.shape[0] // 2] += 0.3  # change only rows the earlier LoRA did not use
+    for a, b, _ in layers.values():
+        with torch.no_grad():
+            b[: b.shape[0] // 2] += 0.3  # change only rows the earlier LoRA did not use
     assert float(penalty()) == pytest.approx(0.0, abs=1e-12)
-    with torch.no_grad():
-        b[b.shape[0] // 2 :] += 0.3  # change rows it used
+    for a, b, _ in layers.values():
+        if a.dim() == 4:
+            with torch.no_grad():
+                b[b.shape[0] // 2 :] += 0.3  # change rows it used, in a convolution
+            break
     assert float(penalty()) > 0.0
 
 

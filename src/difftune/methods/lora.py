@@ -195,11 +195,13 @@ def adapters_disabled(module: Any):
 
 
 def lora_deltas(module: Any) -> dict[str, tuple[Any, Any, Any]]:
-    """Every linear LoRA layer of `module`: name -> (A, B, scaling); its weight delta is ``scaling * B @ A``."""
+    """Every LoRA layer of `module`: name -> (A, B, scaling), the adapter's weight delta being
+    ``scaling * B.flatten(1) @ A.flatten(1)`` (linear layers; for convolutions, B is 1x1 and A has
+    the kernel, so the delta is the flattened kernel delta)."""
     from peft.tuners.lora import LoraLayer
 
     out = {}
     for name, layer in unwrap(module).named_modules():
-        if isinstance(layer, LoraLayer) and ADAPTER in layer.lora_A and layer.lora_A[ADAPTER].weight.dim() == 2:
+        if isinstance(layer, LoraLayer) and ADAPTER in layer.lora_A and hasattr(layer.lora_A[ADAPTER], "weight"):
             out[name] = (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight, layer.scaling[ADAPTER])
     return out

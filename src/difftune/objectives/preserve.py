@@ -55,7 +55,7 @@ class ContinualPenalty:
         self.weight = weight
         self.layers = []
         for a, b, scale in lora_deltas(module).values():
-            old = (scale * b.detach().float() @ a.detach().float()).clone()
+            old = (scale * b.detach().float().flatten(1) @ a.detach().float().flatten(1)).clone()
             usage = old.abs()
             self.layers.append((a, b, scale, old, usage / usage.mean().clamp_min(1e-12)))
 
@@ -66,7 +66,7 @@ class ContinualPenalty:
             return torch.zeros(())
         total = 0.0
         for a, b, scale, old, usage in self.layers:
-            delta = scale * b.float() @ a.float()
+            delta = scale * b.float().flatten(1) @ a.float().flatten(1)
             total = total + ((usage * (delta - old)) ** 2).sum() / (old ** 2).sum().clamp_min(1e-12)
         return self.weight * total / len(self.layers)
 
