@@ -211,7 +211,10 @@ def test_eval_bad_input_one_line(tmp_path, world_run, capsys):
 def test_eval_flux_run(tmp_path, tiny_flux):
     data = world_folder(tmp_path / "dots", n=2)
     out = train(load_config(None, base_overrides(tiny_flux, data, tmp_path / "run", steps=1, **{
-        "data.concepts": f"[{{dir: '{data}'}}]", "validation.steps": 1})), log=quiet)
+        "data.concepts": f"[{{dir: '{data}'}}]", "validation.steps": 1, "validation.eval_every": 1,
+        "validation.eval_prompts_per_concept": 1})), log=quiet)
+    # FLUX frees T5 after caching prompts: the scoring prompts were encoded before that
+    assert [json.loads(x)["step"] for x in (out / "logs" / "eval.jsonl").read_text().splitlines()] == [1]
     assert main(["eval", str(out), "--per-concept", "1"]) == 0
     data = json.loads((out / "eval.json").read_text())
     assert [r["weights"] for r in data["results"]] == ["base", "step-00000001", "final"]

@@ -262,6 +262,12 @@ def train(cfg: Config, log=print) -> Path:
         start = resumed["state"]["step"]
         say(f"resuming from {resume_from} (step {start} of {cfg.train.steps})")
 
+    evaluator = None  # validation.eval_every: concept scores and drift, as `difftune eval` computes them
+    if main and cfg.validation.eval_every:
+        from .evaluate.core import TrainingEval
+
+        evaluator = TrainingEval(family, cfg, items, accelerator.autocast, say)
+
     # ---- feature caches: frozen encoders see each prompt and image view once, results kept on disk ----
     cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "cache"
     text_frozen = not cfg.method.train_text_encoder
@@ -287,12 +293,6 @@ def train(cfg: Config, log=print) -> Path:
             return family.encode_prompts(prompts)
         rows = [prompt_cache[p] for p in prompts]
         return {k: torch.stack([r[k] for r in rows]) for k in rows[0]} if rows and rows[0] else {}
-
-    evaluator = None  # validation.eval_every: concept scores and drift, as `difftune eval` computes them
-    if main and cfg.validation.eval_every:
-        from .evaluate.core import TrainingEval
-
-        evaluator = TrainingEval(family, cfg, items, accelerator.autocast, say)
 
     # ---- the loop -----------------------------------------------------------------------------------
     loss_log = out / "logs" / "loss.jsonl"

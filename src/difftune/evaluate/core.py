@@ -169,8 +169,9 @@ class TrainingEval:
         guidance = v.guidance if v.guidance is not None else family.default_guidance
         self.sample = Sampler(family, v.steps, guidance, cfg.data.resolution, v.seed, v.num_images, autocast)
         self.family, self.cfg = family, cfg
-        with _sampling(family, cfg):
+        with _sampling(family, cfg, release=False):  # made before the prompt cache: text encoders stay
             self.base = self.sample(self.prompts.neutral) if self.prompts.neutral else None
+        family.sampling_prompts += self.prompts.all()
         log(f"eval every {self.every} steps with the {self.scorer.name} scorer; scores in {self.log_file}")
 
     def due(self, step: int) -> bool:
@@ -186,10 +187,11 @@ class TrainingEval:
 
 
 class _sampling:
-    """Trained parts in eval mode and text encoders on the device while sampling; back afterwards."""
+    """Trained parts in eval mode and text encoders on the device while sampling; back afterwards
+    (`release`: hand the text encoders back through the family's hook, as after the prompt cache)."""
 
-    def __init__(self, family, cfg):
-        self.family, self.cfg = family, cfg
+    def __init__(self, family, cfg, release: bool = True):
+        self.family, self.cfg, self.release = family, cfg, release
 
     def __enter__(self):
         self.trained = [self.family.parts[n] for n in self.family.trainable_part_names()]
@@ -201,7 +203,7 @@ class _sampling:
     def __exit__(self, *exc):
         for m, mode in zip(self.trained, self.modes):
             m.train(mode)
-        if not self.cfg.method.train_text_encoder:
+        if self.release and not self.cfg.method.train_text_encoder:
             self.family.after_prompt_cache()
 
 
@@ -335,7 +337,7 @@ def evaluate_run(folder: str | Path, *, prompts_file: str | None = None, scorer_
 
     for w in tqdm([Weights("base", 0, lambda: base_tensors), *weights], desc="eval", unit="weights", disable=None):
         load_trainable_tensors(family, method, part_names, w.load(), where=f"{folder} {w.name}")
-        with _sampling(family, cfg):
+        with _sampling(family, cfg, release=False):
             if w.name == "base":
                 base_neutral = sampler(prompts.neutral) if prompts.neutral else None
             metrics = score_model(sampler, prompts, scorer, base_neutral, references)

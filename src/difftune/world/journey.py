@@ -7,7 +7,7 @@ prompts and seeds for all: the style score (objects drawn ``in zdots style``), t
 
 Strategies (`STRATEGIES`; each is the config overrides of its place stage, or the LoRAs it combines):
 
-- ``style only`` / ``place only``: the references (one LoRA each, from the base);
+- ``style-only`` / ``place-only``: the references (one LoRA each, from the base);
 - ``sequential``: ``method.init_lora`` = the style LoRA, trained on the place alone (the seed's failure);
 - ``replay``: as sequential, plus ``data.replay`` of the style run (half of every batch);
 - ``joint``: one LoRA on both concepts from the base, as many steps as both stages together;
@@ -55,15 +55,15 @@ class Strategy:
 
 
 def _continuing(extra: Callable[["Journey"], dict] = lambda j: {}) -> Callable[["Journey"], dict]:
-    return lambda j: {"method.init_lora": str(j.run("style only")), **j.place_data(), **extra(j)}
+    return lambda j: {"method.init_lora": str(j.run("style-only")), **j.place_data(), **extra(j)}
 
 
 STRATEGIES: dict[str, Strategy] = {
-    "style only": Strategy("the style LoRA alone (reference)", lambda j: j.style_data()),
-    "place only": Strategy("a place LoRA from the base (reference)", lambda j: j.place_data()),
+    "style-only": Strategy("the style LoRA alone (reference)", lambda j: j.style_data()),
+    "place-only": Strategy("a place LoRA from the base (reference)", lambda j: j.place_data()),
     "sequential": Strategy("init_lora = style, trained on the place", _continuing()),
     "replay": Strategy("sequential + data.replay of the style run at ratio 0.5",
-                       _continuing(lambda j: {"data.replay": [str(j.run("style only"))], "data.replay_ratio": 0.5})),
+                       _continuing(lambda j: {"data.replay": [str(j.run("style-only"))], "data.replay_ratio": 0.5})),
     "joint": Strategy("one LoRA on both concepts, both stages' steps",
                       lambda j: {"data.concepts": j.style_data()["data.concepts"] + j.place_data()["data.concepts"],
                                  "train.steps": 2 * j.steps}),
@@ -78,7 +78,7 @@ STRATEGIES: dict[str, Strategy] = {
     "c-lora": Strategy("sequential + rehearsal-free continual penalty",
                        _continuing(lambda j: {"preserve.clora_weight": 1.0})),
     "separate": Strategy("style LoRA + place-only LoRA combined at generation",
-                         loras=lambda j: [str(j.run("style only")), str(j.run("place only"))]),
+                         loras=lambda j: [str(j.run("style-only")), str(j.run("place-only"))]),
 }
 
 #: the stage recipe when no --config is given (the world models' scale: 64 px, CPU-sized)
@@ -189,7 +189,7 @@ def run_journey(family: str, out: str | Path, *, model: str | None = None, steps
     out = Path(out)
     j = Journey(family, model, out, steps, config, eval_steps, num, per_concept, log)
     j.neutral_train = world_neutral(8, seed=99)
-    needed = dict.fromkeys(["style only", "place only", *names])  # the references are always measured
+    needed = dict.fromkeys(["style-only", "place-only", *names])  # the references are always measured
 
     timings = {}
     for name in needed:
@@ -213,7 +213,7 @@ def run_journey(family: str, out: str | Path, *, model: str | None = None, steps
         loras = strategy.loras(j) if strategy.loras else [str(j.run(name))]
         log(f"--- {name}: scoring")
         rows[name] = score_model(sampler(loras), prompts, scorer, base_neutral)
-    ref_style, ref_place = rows["style only"]["style.score"], rows["place only"]["place.score"]
+    ref_style, ref_place = rows["style-only"]["style.score"], rows["place-only"]["place.score"]
     for name, m in rows.items():
         m["style_kept"] = m["style.score"] / ref_style if ref_style else 0.0
         m["place_learned"] = m["place.score"] / ref_place if ref_place else 0.0

@@ -158,7 +158,7 @@ class Flux(Family):
 
         import torch
 
-        todo = [p for p in dict.fromkeys(self.cfg.validation.prompts) if p not in self._cached]
+        todo = [p for p in dict.fromkeys([*self.cfg.validation.prompts, *self.sampling_prompts]) if p not in self._cached]
         if todo:
             with torch.no_grad():
                 features = self.encode_prompts(todo)
