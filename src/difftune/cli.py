@@ -34,6 +34,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
               "the procedural world: the forgetting journey (and, with the world models, more)"),
     "data": ("difftune.data.check:add_arguments:run:EXAMPLES",
              "check training data: counts, sizes, aspect ratios, captions and problems per file"),
+    "sweep": ("difftune.sweeps.runner:add_arguments:run:EXAMPLES",
+              "train every combination of --grid values as its own run, resumable; then compare them"),
+    "compare": ("difftune.reports.compare:add_arguments:run:EXAMPLES",
+                "one page comparing runs or sweeps: differing keys, curves, samples side by side, scores"),
+    "report": ("difftune.reports.run_page:add_arguments:run:EXAMPLES", "rebuild report.html for run folders"),
 }
 
 

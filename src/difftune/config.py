@@ -188,7 +188,12 @@ class TrainConfig:
     weight_decay: float = _f(1.0e-2, "AdamW weight decay.")
     max_grad_norm: Optional[float] = _f(1.0, "Clip gradients to this global norm; empty = no clipping.")
     max_nonfinite_steps: int = _f(5, "Stop after this many optimizer steps in a row with a non-finite loss.")
-    log_every: int = _f(10, "Write loss, lr and grad norm to tensorboard every N steps.")
+    log_every: int = _f(10, "Write loss, lr and grad norm to the trackers every N steps.")
+    report_to: list[Literal["tensorboard", "wandb"]] = _f(
+        factory=lambda: ["tensorboard"],
+        doc="Trackers that get the logged numbers, through accelerate: `tensorboard` (in `OUTPUT_DIR/logs`), "
+        "`wandb` (`pip install difftune[wandb]`; `WANDB_MODE=offline` keeps it local), both, or `[]`.",
+    )
 
 
 @dataclass
@@ -204,10 +209,23 @@ class CheckpointConfig:
 
 @dataclass
 class ValidationConfig:
-    """Sample images during training."""
+    """Sample images and validation loss during training."""
 
-    prompts: list[str] = _f(factory=list, doc="Prompts to sample; none = no samples.")
-    every: int = _f(0, "Sample every N steps (0 = only at the end).")
+    prompts: list[str] = _f(
+        factory=list, doc="Prompts to sample (at step 0, every `every` steps and at the end); none = no samples."
+    )
+    every: int = _f(0, "Sample and score the validation loss every N steps (0 = only at the start and the end).")
+    images: Optional[str] = _f(
+        None,
+        "Validation loss on this image folder (captions as in a concept; images without one use the first "
+        "concept's prompt and template).",
+    )
+    holdout: float = _f(
+        0.0, "Validation loss on this fraction of the training images, kept out of training (e.g. `0.1`)."
+    )
+    loss_draws: int = _f(
+        4, "Noise draws (timestep and noise) per validation image; the same at every evaluation, from `seed`."
+    )
     steps: int = _f(25, "Inference steps per sample.")
     guidance: Optional[float] = _f(None, "Guidance scale; default the family's.")
     seed: int = _f(0, "Seed for the samples, so runs compare image for image.")
@@ -552,8 +570,17 @@ def validate(cfg: Config, *, resolution_multiple: int | None = None, check_paths
         problems.append("preserve.clora_weight needs method.init_lora (the LoRA whose use it protects)")
     if cfg.validation.eval_every < 0:
         problems.append(f"validation.eval_every must be >= 0, got {cfg.validation.eval_every}")
-    if cfg.validation.every < 0:
-        problems.append(f"validation.every must be >= 0, got {cfg.validation.every}")
+    v = cfg.validation
+    if v.every < 0:
+        problems.append(f"validation.every must be >= 0, got {v.every}")
+    if not 0.0 <= v.holdout < 1.0:
+        problems.append(f"validation.holdout must be in [0, 1), got {v.holdout}")
+    if v.images and v.holdout:
+        problems.append("set validation.images or validation.holdout, not both")
+    if v.images and check_paths and not Path(v.images).is_dir():
+        problems.append(f"validation.images: folder not found: {v.images}")
+    if v.loss_draws < 1:
+        problems.append(f"validation.loss_draws must be >= 1, got {v.loss_draws}")
     if problems:
         raise ConfigError("; ".join(problems))
 

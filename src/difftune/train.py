@@ -24,7 +24,11 @@ from pathlib import Path
 from . import DifftuneError
 from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import Config, config_from_dict, to_dict, validate
+from .data.dataset import prompt_for
 from .methods import get_method
+from .reports import logs
+from .reports.run_page import refresh_run_report, write_run_facts
+from .validation import ValidationLoss, validation_items
 
 #: exit code of a run stopped by SIGTERM / SIGINT after saving a checkpoint ("try again later")
 EXIT_INTERRUPTED = 75
@@ -203,7 +207,7 @@ def train(cfg: Config, log=print) -> Path:
     out.mkdir(parents=True, exist_ok=True)
 
     accelerator = Accelerator(
-        mixed_precision=cfg.train.precision, log_with="tensorboard", project_dir=str(out / "logs")
+        mixed_precision=cfg.train.precision, log_with=list(cfg.train.report_to) or None, project_dir=str(out / "logs")
     )
     main = accelerator.is_main_process
     say = log if main else (lambda *_: None)
@@ -221,7 +225,10 @@ def train(cfg: Config, log=print) -> Path:
     if not main:
         concepts, companions = mixed_sources(cfg, family_cls, say)
     data_cfg = dataclasses.replace(cfg.data, concepts=concepts)
-    items = build_items(data_cfg, log=say)
+    found = build_items(data_cfg, log=say)
+    own = len(cfg.data.concepts)  # validation holds out only the run's own images, never replayed or class ones
+    items, val_items, val_concepts = validation_items(cfg, [i for i in found if i.concept < own], say)
+    items += [i for i in found if i.concept >= own]
     data = TrainingData(items, data_cfg, multiple, cfg.train.batch_size, cfg.train.seed, companions)
     if main:
         (out / "config.yaml").write_text(_dump_yaml(cfg))
@@ -274,7 +281,8 @@ def train(cfg: Config, log=print) -> Path:
     prompt_cache: dict[str, dict] = {}
     if text_frozen:
         text_side = PromptFeatures(family, FeatureStore(cache_root / "prompts", say) if cfg.data.cache else None)
-        prompt_cache = text_side.table(sorted(set(data.all_prompts()) | set(cfg.preserve.prompts)))
+        prompt_cache = text_side.table(sorted(set(data.all_prompts()) | set(cfg.preserve.prompts))
+                                       + [prompt_for(it, val_concepts[it.concept]) for it in val_items])
         say(f"prompt embeddings: {text_side.encoded} encoded, {text_side.loaded} read from the cache")
         family.after_prompt_cache()  # e.g. text encoders off the accelerator, or out of memory
     views = data.fixed_views()
@@ -294,12 +302,25 @@ def train(cfg: Config, log=print) -> Path:
         rows = [prompt_cache[p] for p in prompts]
         return {k: torch.stack([r[k] for r in rows]) for k in rows[0]} if rows and rows[0] else {}
 
+    val_loss = ValidationLoss(cfg, val_items, val_concepts, multiple,
+                              lambda d: ImageFeatures(family, d, image_store, accelerator.autocast),
+                              prompt_features) if val_items else None
+    if main:
+        write_run_facts(out, family.name, n_trainable, data, val_loss)
+
     # ---- the loop -----------------------------------------------------------------------------------
     loss_log = out / "logs" / "loss.jsonl"
     if main:
         loss_log.parent.mkdir(parents=True, exist_ok=True)
         _truncate_log(loss_log, start)
-        accelerator.init_trackers("difftune")
+        _truncate_log(out / logs.VALIDATION, start)
+        accelerator.init_trackers("difftune", init_kwargs=_tracker_options(cfg))
+        sessions = logs.SessionLog(out, start)
+    if start == 0:  # step 0: the base model, before any training
+        if val_loss is not None:
+            _validate(val_loss, family, objective, part_names, accelerator, 0)
+        if cfg.validation.prompts:
+            _samples(family, cfg, 0, accelerator)
     world, rank, accum = accelerator.num_processes, accelerator.process_index, cfg.train.grad_accum
     nonfinite_run = 0
     progress = _progress(cfg.train.steps, start, main)
@@ -353,6 +374,7 @@ def train(cfg: Config, log=print) -> Path:
                     fh.write(json.dumps(record) + "\n")
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                     accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+                    sessions.progress(step)
             progress.update(1)
             progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}")
 
@@ -361,14 +383,20 @@ def train(cfg: Config, log=print) -> Path:
             due = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
             if due or stopping or step == cfg.train.steps:
                 _save(family, method, part_names, cfg, step, data, optimizer, lr_scheduler, accelerator)
+                if main:
+                    sessions.progress(step)
+                    refresh_run_report(out, _progress_write)  # a half-done run has a current report too
             if stopping and step < cfg.train.steps:
                 progress.close()
                 raise Interrupted(
                     f"stopped by signal {stop.signal} after step {step}; checkpoint saved in "
                     f"{out / 'checkpoints'}. Run the same command again to continue."
                 )
-            if cfg.validation.prompts and cfg.validation.every and step % cfg.validation.every == 0 and step < cfg.train.steps:
-                _samples(family, cfg, step, accelerator)
+            if cfg.validation.every and step % cfg.validation.every == 0 and step < cfg.train.steps:
+                if val_loss is not None:
+                    _validate(val_loss, family, objective, part_names, accelerator, step)
+                if cfg.validation.prompts:
+                    _samples(family, cfg, step, accelerator)
             if evaluator is not None and evaluator.due(step):
                 accelerator.log(evaluator(step), step=step)
     progress.close()
@@ -379,6 +407,8 @@ def train(cfg: Config, log=print) -> Path:
     if main:
         _check_finite(family, method, part_names)
         method.save(family, out, part_names)
+    if val_loss is not None:
+        _validate(val_loss, family, objective, part_names, accelerator, step)
     if cfg.validation.prompts:
         _samples(family, cfg, step, accelerator)
     accelerator.end_training()
@@ -390,6 +420,7 @@ def train(cfg: Config, log=print) -> Path:
             facts.update(total_seconds=elapsed, seconds_per_step=elapsed / (step - start))
             say(f"trained steps {start + 1}-{step} in {elapsed:.1f}s ({elapsed / (step - start):.3f} s/step)")
         say(f"outputs in {out}; summary in {write_report(out, facts)}")
+        say(f"report: {refresh_run_report(out, say)}")
     return out
 
 
@@ -509,6 +540,23 @@ def _restore(family, method, part_names, resumed, optimizer, lr_scheduler, accel
     if accelerator.scaler is not None and resumed["state"].get("scaler"):
         accelerator.scaler.load_state_dict(resumed["state"]["scaler"])
     _set_rng_state(resumed["rng"], resumed["state"]["rng"])
+
+
+def _validate(val_loss, family, objective, part_names, accelerator, step: int) -> None:
+    """Score the validation loss at `step`; log it to ``validation.jsonl`` and the trackers."""
+    value = val_loss(family, objective, part_names, accelerator.autocast)
+    if accelerator.is_main_process:
+        logs.append_jsonl(Path(family.cfg.output_dir) / logs.VALIDATION, {"step": step, "val_loss": value})
+        accelerator.log({"val_loss": value}, step=step)
+        _progress_write(f"validation loss at step {step}: {value:.5f} ({len(val_loss)} images)")
+
+
+def _tracker_options(cfg: Config) -> dict:
+    """Per-tracker init options: wandb gets the run's name, its folder under logs/ and the resolved config."""
+    if "wandb" not in cfg.train.report_to:
+        return {}
+    out = Path(cfg.output_dir)
+    return {"wandb": {"name": out.name, "dir": str(out / "logs"), "config": to_dict(cfg)}}
 
 
 def _samples(family, cfg, step, accelerator) -> None:
