@@ -459,7 +459,8 @@ def _micro_step(family, objective, batch, image_features, prompt_features, seed:
     target = objective.target(x0, noise, t)
     pred = family.predict(x_t, t, features)
     per_sample = ((pred.float() - target.float()) ** 2).reshape(x0.shape[0], -1).mean(dim=1)
-    share = torch.tensor(batch["loss_weights"], dtype=torch.float32, device=per_sample.device)
+    n = x0.shape[0]  # a batch without loss_weights (e.g. the bench's) is the plain mean
+    share = torch.tensor(batch.get("loss_weights") or [1.0 / n] * n, dtype=torch.float32, device=per_sample.device)
     loss = (per_sample * objective.weights(t).float() * share).sum()
     for term in terms:
         loss = loss + term(x_t, t, features, seed)
