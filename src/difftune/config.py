@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,18 +27,25 @@ class ConfigError(DifftuneError):
     """A config file or override that cannot be used. The message names the key."""
 
 
-def _f(default: Any = dataclasses.MISSING, doc: str = "", factory: Any = dataclasses.MISSING):
-    """A dataclass field with a docstring kept in its metadata."""
+def _f(default: Any = dataclasses.MISSING, doc: str = "", factory: Any = dataclasses.MISSING, path: str | None = None):
+    """A dataclass field with a docstring kept in its metadata.
+
+    `path` marks fields that hold paths (see `resolve_path`): ``"local"`` for files and folders,
+    ``"local_or_hub"`` for values that may also be a Hugging Face hub id, ``"resume"`` for
+    `checkpoint.resume` (a path unless `auto` / `never`).
+    """
+    metadata = {"doc": doc, "path": path} if path else {"doc": doc}
     if factory is not dataclasses.MISSING:
-        return field(default_factory=factory, metadata={"doc": doc})
-    return field(default=default, metadata={"doc": doc})
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class ModelConfig:
     """Which base model to fine-tune."""
 
-    path: str = _f("", "Hub id (e.g. `black-forest-labs/FLUX.1-dev`) or a local diffusers pipeline folder.")
+    path: str = _f("", "Hub id (e.g. `black-forest-labs/FLUX.1-dev`) or a local diffusers pipeline folder.",
+                   path="local_or_hub")
     family: str = _f(
         "auto",
         "`auto` reads `model_index.json`; or one of `sd`, `flux`, `kandinsky22-prior`, `kandinsky22-decoder`.",
@@ -48,10 +56,12 @@ class ModelConfig:
         None,
         "Kandinsky 2.2 decoder only: the prior pipeline whose CLIP image encoder makes the decoder's "
         "conditioning embeddings.",
+        path="local_or_hub",
     )
     decoder: Optional[str] = _f(
         None,
         "Kandinsky 2.2 prior only: a decoder pipeline that turns the prior's embeddings into validation images.",
+        path="local_or_hub",
     )
 
 
@@ -72,7 +82,8 @@ class MethodConfig:
         False, "Also train the text encoder(s): LoRA on their attention with `lora`, all weights with `full`."
     )
     init_lora: Optional[str] = _f(
-        None, "Start from an existing LoRA (a folder or .safetensors file); rank and targets must match."
+        None, "Start from an existing LoRA (a folder or .safetensors file); rank and targets must match.",
+        path="local",
     )
 
 
@@ -81,10 +92,12 @@ class ConceptConfig:
     """One source of training images. Several concepts are mixed in one run."""
 
     dir: Optional[str] = _f(
-        None, "Image folder. Captions: a sidecar `NAME.txt`, or `metadata.jsonl` / `metadata.csv` (file_name, text)."
+        None, "Image folder. Captions: a sidecar `NAME.txt`, or `metadata.jsonl` / `metadata.csv` (file_name, text).",
+        path="local",
     )
     hf: Optional[str] = _f(
-        None, "A Hugging Face dataset: hub id, or a local parquet/arrow file or folder (instead of `dir`)."
+        None, "A Hugging Face dataset: hub id, or a local parquet/arrow file or folder (instead of `dir`).",
+        path="local_or_hub",
     )
     split: str = _f("train", "Dataset split (with `hf`).")
     image_column: str = _f("image", "Image column (with `hf`).")
@@ -128,7 +141,8 @@ class DataConfig:
     )
     cache: bool = _f(True, "Cache VAE latents and text embeddings on disk (when their encoders are frozen).")
     cache_dir: Optional[str] = _f(
-        None, "Where caches live; default `OUTPUT_DIR/cache` (generated class images: `~/.cache/difftune`)."
+        None, "Where caches live; default `OUTPUT_DIR/cache` (generated class images: `~/.cache/difftune`).",
+        path="local",
     )
     replay: list[str] = _f(
         factory=list, doc="Replay when continuing: earlier runs' output_dirs whose concepts (images and captions, "
@@ -203,7 +217,8 @@ class CheckpointConfig:
     every: int = _f(200, "Save a checkpoint every N optimizer steps (0 = only at the end).")
     keep: int = _f(3, "Keep the newest N complete checkpoints (at least 1).")
     resume: str = _f(
-        "auto", "`auto`: continue from the newest complete checkpoint in output_dir; `never`; or a checkpoint path."
+        "auto", "`auto`: continue from the newest complete checkpoint in output_dir; `never`; or a checkpoint path.",
+        path="resume",
     )
 
 
@@ -218,7 +233,7 @@ class ValidationConfig:
     images: Optional[str] = _f(
         None,
         "Validation loss on this image folder (captions as in a concept; images without one use the first "
-        "concept's prompt and template).",
+        "concept's prompt and template).", path="local",
     )
     holdout: float = _f(
         0.0, "Validation loss on this fraction of the training images, kept out of training (e.g. `0.1`)."
@@ -300,7 +315,8 @@ class Config:
     validation: ValidationConfig = _f(factory=ValidationConfig, doc="Samples during training.")
     speed: SpeedConfig = _f(factory=SpeedConfig, doc="Speed and memory switches.")
     preserve: PreserveConfig = _f(factory=PreserveConfig, doc="Keeping earlier knowledge while learning.")
-    output_dir: str = _f("", "Where everything lands: weights, checkpoints, samples, logs, the resolved config.")
+    output_dir: str = _f("", "Where everything lands: weights, checkpoints, samples, logs, the resolved config.",
+                         path="local")
 
 
 # --------------------------------------------------------------------------------------------
@@ -412,6 +428,77 @@ def to_dict(cfg: Any) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# Paths: one rule. A relative path written in a config file is relative to the folder of that file;
+# one given on the command line (`key=value`) is relative to the current directory. Local paths are
+# made absolute when the config is loaded, so `config.yaml` in output_dir means the same files from
+# anywhere. A value that may be a hub id stays one unless it exists locally or *looks* local.
+
+#: file endings that mark a path, never a hub id
+LOCAL_SUFFIXES = (".safetensors", ".parquet", ".arrow", ".json", ".jsonl", ".csv", ".yaml", ".yml", ".bin", ".pt")
+PATH_RULE = "relative paths in a config file are relative to its folder; on the command line, to the current directory"
+
+
+def looks_local(value: str, base: Path | None = None) -> bool:
+    """Whether `value` is meant as a local path rather than a hub id (``owner/name``).
+
+    Local: starts with ``/``, ``.`` or ``~``; has a backslash, no ``/`` or more than one; ends in a
+    file ending (`LOCAL_SUFFIXES`); or its first component is an existing folder (``runs/nope`` when
+    ``runs/`` exists). Such a value that does not exist is refused at once, never sent to the hub.
+    """
+    if value.startswith(("/", ".", "~")) or "\\" in value or value.count("/") != 1:
+        return True
+    if value.lower().endswith(LOCAL_SUFFIXES):
+        return True
+    return ((base or Path.cwd()) / value.split("/", 1)[0]).is_dir()
+
+
+def resolve_path(value: Any, kind: str, base: Path) -> Any:
+    """A path field's value with relative local paths made absolute against `base` (see `PATH_RULE`)."""
+    if not isinstance(value, str) or not value or (kind == "resume" and value in ("auto", "never")):
+        return value
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return str(p)
+    if kind == "local_or_hub" and not (base / p).exists() and not looks_local(value, base):
+        return value  # a hub id
+    return os.path.normpath(os.path.abspath(base / p))
+
+
+def _resolve_paths(value: Any, tp: Any, kind: str | None, base: Path) -> Any:
+    """Apply `resolve_path` to every path field in the plain data `value` of schema type `tp`."""
+    if kind:
+        return resolve_path(value, kind, base)
+    if typing.get_origin(tp) is list and isinstance(value, list):
+        (item,) = typing.get_args(tp)
+        return [_resolve_paths(v, item, None, base) for v in value]
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        fields = {f.name: f for f in dataclasses.fields(tp)}
+        hints = _hints(tp)
+        return {k: _resolve_paths(v, hints[k], fields[k].metadata.get("path"), base) if k in fields else v
+                for k, v in value.items()}
+    return value
+
+
+def _schema_at(path: list[str]) -> tuple[Any, str | None]:
+    """(type, path kind) of the config entry at `path` (list indices allowed), for an override's value."""
+    tp: Any = Config
+    kind = None
+    for part in path:
+        if typing.get_origin(tp) is list:
+            (tp,) = typing.get_args(tp)
+            kind = None
+            continue
+        if not dataclasses.is_dataclass(tp):
+            return None, None
+        fields = {f.name: f for f in dataclasses.fields(tp)}
+        if part not in fields:
+            return None, None
+        kind = fields[part].metadata.get("path")
+        tp = _hints(tp)[part]
+    return tp, kind
+
+
+# --------------------------------------------------------------------------------------------
 # Overrides, loading, validation
 
 
@@ -470,11 +557,15 @@ def apply_override(data: dict, path: list[str], value: Any) -> None:
         cls = tp
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML config, apply `key.path=value` overrides, check types. Does not touch models or data."""
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                base: dict | None = None) -> Config:
+    """Read a YAML config, apply `key.path=value` overrides, check types. Does not touch models or data.
+
+    Paths follow `PATH_RULE`. `base`: plain config data to start from when there is no file (its
+    paths are relative to the current directory, like overrides)."""
     import yaml
 
-    data: dict = {}
+    data: dict = _resolve_paths(dict(base or {}), Config, None, Path.cwd())
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -489,10 +580,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
-        data = loaded
+        data = _resolve_paths(loaded, Config, None, p.parent)
     for text in overrides:
         keys, value = parse_override(text)
-        apply_override(data, keys, value)
+        tp, kind = _schema_at(keys)
+        apply_override(data, keys, _resolve_paths(value, tp, kind, Path.cwd()))
     return _build(Config, data)
 
 
@@ -505,7 +597,12 @@ def validate(cfg: Config, *, resolution_multiple: int | None = None, check_paths
     """Cross-field checks that need no model. `resolution_multiple` comes from the family."""
     problems: list[str] = []
     if not cfg.model.path:
-        problems.append("model.path is required (a hub id or a local diffusers folder)")
+        problems.append("model.path is required (a hub id or a local diffusers pipeline folder)")
+    if check_paths:
+        for key, value in (("model.path", cfg.model.path), ("model.prior", cfg.model.prior),
+                           ("model.decoder", cfg.model.decoder), ("method.init_lora", cfg.method.init_lora)):
+            if value and looks_local(value) and not Path(value).exists():
+                problems.append(f"{key}: not found: {value} ({PATH_RULE})")
     if not cfg.output_dir:
         problems.append("output_dir is required")
     m, t, d, c = cfg.method, cfg.train, cfg.data, cfg.checkpoint
@@ -523,6 +620,38 @@ def validate(cfg: Config, *, resolution_multiple: int | None = None, check_paths
         problems.append(f"checkpoint.keep must be >= 1, got {c.keep}")
     if c.every < 0:
         problems.append(f"checkpoint.every must be >= 0, got {c.every}")
+    problems += data_problems(d, resolution_multiple=resolution_multiple, check_paths=check_paths)
+    v = cfg.validation
+    if v.every < 0:
+        problems.append(f"validation.every must be >= 0, got {v.every}")
+    if not 0.0 <= v.holdout < 1.0:
+        problems.append(f"validation.holdout must be in [0, 1), got {v.holdout}")
+    if v.images and v.holdout:
+        problems.append("set validation.images or validation.holdout, not both")
+    if v.images and check_paths and not Path(v.images).is_dir():
+        problems.append(f"validation.images: folder not found: {v.images} ({PATH_RULE})")
+    if v.loss_draws < 1:
+        problems.append(f"validation.loss_draws must be >= 1, got {v.loss_draws}")
+    if v.eval_every < 0:
+        problems.append(f"validation.eval_every must be >= 0, got {v.eval_every}")
+    p = cfg.preserve
+    if p.output_weight < 0 or p.clora_weight < 0:
+        problems.append("preserve.output_weight and preserve.clora_weight must be >= 0")
+    if p.output_weight > 0:
+        if not p.prompts:
+            problems.append("preserve.output_weight needs preserve.prompts (trigger-free prompts to keep)")
+        if not get_method_class(m.kind).adapter or m.train_text_encoder:
+            problems.append("preserve.output_weight needs an adapter method (method.kind: lora) without "
+                            "train_text_encoder (the base prediction is the denoiser with its adapter disabled)")
+    if p.clora_weight > 0 and not m.init_lora:
+        problems.append("preserve.clora_weight needs method.init_lora (the LoRA whose use it protects)")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def data_problems(d: DataConfig, *, resolution_multiple: int | None = None, check_paths: bool = True) -> list[str]:
+    """The checks of the `data` section alone (also run by `difftune data check` on a folder)."""
+    problems: list[str] = []
     if d.resolution <= 0:
         problems.append(f"data.resolution must be > 0, got {d.resolution}")
     elif resolution_multiple and d.resolution % resolution_multiple:
@@ -537,7 +666,9 @@ def validate(cfg: Config, *, resolution_multiple: int | None = None, check_paths
         if bool(concept.dir) == bool(concept.hf):
             problems.append(f"{key} needs exactly one of `dir` or `hf`")
         elif concept.dir and check_paths and not Path(concept.dir).is_dir():
-            problems.append(f"{key}.dir: folder not found: {concept.dir}")
+            problems.append(f"{key}.dir: folder not found: {concept.dir} ({PATH_RULE})")
+        elif concept.hf and check_paths and looks_local(concept.hf) and not Path(concept.hf).exists():
+            problems.append(f"{key}.hf: not found: {concept.hf} ({PATH_RULE})")
         if concept.repeats < 1:
             problems.append(f"{key}.repeats must be >= 1, got {concept.repeats}")
         if not 0.0 <= concept.caption_dropout <= 1.0:
@@ -557,32 +688,7 @@ def validate(cfg: Config, *, resolution_multiple: int | None = None, check_paths
                 problems.append(f"{key}: prior preservation needs data.buckets: false")
             if concept.class_images < 1 or concept.prior_loss_weight < 0:
                 problems.append(f"{key}: class_images must be >= 1 and prior_loss_weight >= 0")
-    p = cfg.preserve
-    if p.output_weight < 0 or p.clora_weight < 0:
-        problems.append("preserve.output_weight and preserve.clora_weight must be >= 0")
-    if p.output_weight > 0:
-        if not p.prompts:
-            problems.append("preserve.output_weight needs preserve.prompts (trigger-free prompts to keep)")
-        if not get_method_class(m.kind).adapter or m.train_text_encoder:
-            problems.append("preserve.output_weight needs an adapter method (method.kind: lora) without "
-                            "train_text_encoder (the base prediction is the denoiser with its adapter disabled)")
-    if p.clora_weight > 0 and not m.init_lora:
-        problems.append("preserve.clora_weight needs method.init_lora (the LoRA whose use it protects)")
-    if cfg.validation.eval_every < 0:
-        problems.append(f"validation.eval_every must be >= 0, got {cfg.validation.eval_every}")
-    v = cfg.validation
-    if v.every < 0:
-        problems.append(f"validation.every must be >= 0, got {v.every}")
-    if not 0.0 <= v.holdout < 1.0:
-        problems.append(f"validation.holdout must be in [0, 1), got {v.holdout}")
-    if v.images and v.holdout:
-        problems.append("set validation.images or validation.holdout, not both")
-    if v.images and check_paths and not Path(v.images).is_dir():
-        problems.append(f"validation.images: folder not found: {v.images}")
-    if v.loss_draws < 1:
-        problems.append(f"validation.loss_draws must be >= 1, got {v.loss_draws}")
-    if problems:
-        raise ConfigError("; ".join(problems))
+    return problems
 
 
 def reference_markdown() -> str:
