@@ -89,7 +89,8 @@ def generate_class_images(cfg: Config, family_cls: Any, jobs: list[tuple[Path, s
     import torch
     from tqdm.auto import tqdm
 
-    from ..generate import pick_device, save_image
+    from ..inference.generate import pick_device
+    from ..inference.naming import save_image
 
     device = pick_device()
     pipe = family_cls.load_pipeline(cfg.model.path, device, torch.bfloat16 if device.type == "cuda" else torch.float32)

@@ -299,7 +299,7 @@ def evaluate_run(folder: str | Path, *, prompts_file: str | None = None, scorer_
 
     from ..data.dataset import build_items
     from ..families.registry import resolve_family
-    from ..generate import pick_device
+    from ..inference.generate import pick_device
     from ..methods import get_method
     from ..train import attach_method, load_trainable_tensors, trainable_tensors
 

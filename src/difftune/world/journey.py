@@ -146,7 +146,7 @@ def _images_for(family_cls, model: str, loras: list[str], steps: int, guidance: 
     """prompts -> images of the base model with `loras` (scale 1 each), as `difftune generate` draws them."""
     import torch
 
-    from ..generate import pick_device
+    from ..inference.generate import pick_device
 
     device = pick_device()
     pipe = family_cls.load_pipeline(model, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
