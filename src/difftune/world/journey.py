@@ -150,7 +150,9 @@ def _images_for(family_cls, model: str, loras: list[str], steps: int, guidance: 
 
     device = pick_device()
     pipe = family_cls.load_pipeline(model, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    family_cls.apply_loras(pipe, [(p, 1.0) for p in loras])
+    from ..inference.loras import inspect
+
+    family_cls.apply_loras(pipe, [inspect(p, 1.0) for p in loras])
     pipe.set_progress_bar_config(disable=True)
 
     def images_for(prompts: list[str]) -> dict[str, list]:
