@@ -34,6 +34,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
              "estimate per-device memory of a config under each parallel strategy, and suggest one"),
     "world": ("difftune.world.command:add_arguments:run:EXAMPLES",
               "the procedural world: render data, score images with its oracle, pretrain and bench world models"),
+    "eval": ("difftune.evaluate.cli:add_arguments:run:EXAMPLES",
+             "score a run's final weights and checkpoints per concept, and its drift from the base model"),
     "data": ("difftune.data.check:add_arguments:run:EXAMPLES",
              "check training data: counts, sizes, aspect ratios, captions and problems per file"),
     "sweep": ("difftune.sweeps.runner:add_arguments:run:EXAMPLES",

@@ -108,6 +108,24 @@ class ConceptConfig:
     )
     caption_dropout: float = _f(0.0, "Probability of training an image with an empty prompt.")
     repeats: int = _f(1, "How many times each image appears per epoch.")
+    sampling_weight: float = _f(
+        1.0, "Joint training: how often this concept's images are drawn relative to other concepts' (an image of "
+        "weight 2 is seen twice as often as one of weight 1; whole multiples of the smallest weight)."
+    )
+    loss_weight: float = _f(1.0, "Joint training: this concept's samples count this much in the loss.")
+    class_prompt: Optional[str] = _f(
+        None, "Prior preservation (DreamBooth): prompt of the class (e.g. `a dog`); the base model draws "
+        "`class_images` images for it once (cached, resumable, reused by runs of the same model)."
+    )
+    class_dir: Optional[str] = _f(
+        None, "Prior preservation: a folder of class images (captions as for `dir`, else `class_prompt`); "
+        "with `class_prompt`, missing images up to `class_images` are generated into it."
+    )
+    class_images: int = _f(100, "Prior preservation: how many class images to use.")
+    prior_loss_weight: float = _f(
+        1.0, "Prior preservation: loss = mean over the concept's samples + this x mean over its class samples "
+        "(one class image per instance image in each batch)."
+    )
 
 
 @dataclass
@@ -122,7 +140,15 @@ class DataConfig:
         False, "Aspect-ratio buckets: keep each image's shape within resolution² pixels instead of a square crop."
     )
     cache: bool = _f(True, "Cache VAE latents and text embeddings on disk (when their encoders are frozen).")
-    cache_dir: Optional[str] = _f(None, "Where caches live; default `OUTPUT_DIR/cache`.", path="local")
+    cache_dir: Optional[str] = _f(
+        None, "Where caches live; default `OUTPUT_DIR/cache` (generated class images: `~/.cache/difftune`).",
+        path="local",
+    )
+    replay: list[str] = _f(
+        factory=list, doc="Replay when continuing: earlier runs' output_dirs whose concepts (images and captions, "
+        "from their saved config) are mixed into every batch. Their base model must be this run's."
+    )
+    replay_ratio: float = _f(0.5, "Share of each batch's samples that come from `replay` runs, in [0, 1).")
 
 
 @dataclass
@@ -219,6 +245,18 @@ class ValidationConfig:
     guidance: Optional[float] = _f(None, "Guidance scale; default the family's.")
     seed: int = _f(0, "Seed for the samples, so runs compare image for image.")
     num_images: int = _f(1, "Images per prompt.")
+    eval_every: int = _f(
+        0, "Score concepts and drift (as `difftune eval` does) every N steps, logged next to the loss (0 = never)."
+    )
+    eval_prompts: Optional[str] = _f(
+        None, "Prompts file for scoring (`concepts: {NAME: [...]}`, `neutral: [...]`); default: from the concepts."
+    )
+    eval_prompts_per_concept: int = _f(4, "Default scoring prompts per concept (and neutral prompts).")
+    eval_scorer: Literal["auto", "world", "encoders"] = _f(
+        "auto", "`world` oracle, `encoders` (CLIP + DINOv2), or `auto`: the oracle when every prompt is a world caption."
+    )
+    clip_model: str = _f("openai/clip-vit-large-patch14", "CLIP model (hub id or folder) for the `encoders` scorer.")
+    dino_model: str = _f("facebook/dinov2-small", "DINOv2 model (hub id or folder) for the `encoders` scorer.")
 
 
 @dataclass
@@ -284,6 +322,21 @@ class ParallelConfig:
 
 
 @dataclass
+class PreserveConfig:
+    """Keeping what the model already draws while it learns (see the README's forgetting section)."""
+
+    output_weight: float = _f(
+        0.0, "Output preservation: for `prompts` (no trigger), pull the adapted model's prediction toward the base "
+        "model's (adapter disabled) on the same noisy inputs, at this weight. LoRA only; no extra images."
+    )
+    prompts: list[str] = _f(factory=list, doc="Output preservation: trigger-free prompts, cycled through the batch.")
+    clora_weight: float = _f(
+        0.0, "Rehearsal-free continuation (C-LoRA style) with `method.init_lora`: penalise changing each LoRA weight "
+        "in proportion to how much the earlier LoRA uses it (|its weight delta|), at this weight."
+    )
+
+
+@dataclass
 class Config:
     """A difftune training run."""
 
@@ -296,6 +349,7 @@ class Config:
     validation: ValidationConfig = _f(factory=ValidationConfig, doc="Samples during training.")
     speed: SpeedConfig = _f(factory=SpeedConfig, doc="Speed and memory switches.")
     parallel: ParallelConfig = _f(factory=ParallelConfig, doc="Several processes and machines.")
+    preserve: PreserveConfig = _f(factory=PreserveConfig, doc="Keeping earlier knowledge while learning.")
     output_dir: str = _f("", "Where everything lands: weights, checkpoints, samples, logs, the resolved config.",
                          path="local")
 
@@ -613,6 +667,19 @@ def validate(cfg: Config, *, resolution_multiple: int | None = None, check_paths
         problems.append(f"validation.images: folder not found: {v.images} ({PATH_RULE})")
     if v.loss_draws < 1:
         problems.append(f"validation.loss_draws must be >= 1, got {v.loss_draws}")
+    if v.eval_every < 0:
+        problems.append(f"validation.eval_every must be >= 0, got {v.eval_every}")
+    p = cfg.preserve
+    if p.output_weight < 0 or p.clora_weight < 0:
+        problems.append("preserve.output_weight and preserve.clora_weight must be >= 0")
+    if p.output_weight > 0:
+        if not p.prompts:
+            problems.append("preserve.output_weight needs preserve.prompts (trigger-free prompts to keep)")
+        if not get_method_class(m.kind).adapter or m.train_text_encoder:
+            problems.append("preserve.output_weight needs an adapter method (method.kind: lora) without "
+                            "train_text_encoder (the base prediction is the denoiser with its adapter disabled)")
+    if p.clora_weight > 0 and not m.init_lora:
+        problems.append("preserve.clora_weight needs method.init_lora (the LoRA whose use it protects)")
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -643,6 +710,19 @@ def data_problems(d: DataConfig, *, resolution_multiple: int | None = None, chec
             problems.append(f"{key}.caption_dropout must be in [0, 1], got {concept.caption_dropout}")
         if "{caption}" not in concept.caption_template:
             problems.append(f"{key}.caption_template must contain {{caption}}, got {concept.caption_template!r}")
+    if d.replay and d.buckets:
+        problems.append("data.replay needs data.buckets: false (replayed images join every batch at one size)")
+    if not 0.0 <= d.replay_ratio < 1.0:
+        problems.append(f"data.replay_ratio must be in [0, 1), got {d.replay_ratio}")
+    for i, concept in enumerate(d.concepts):
+        key = f"data.concepts[{i}]"
+        if concept.sampling_weight <= 0 or concept.loss_weight < 0:
+            problems.append(f"{key}: sampling_weight must be > 0 and loss_weight >= 0")
+        if concept.class_prompt or concept.class_dir:
+            if d.buckets:
+                problems.append(f"{key}: prior preservation needs data.buckets: false")
+            if concept.class_images < 1 or concept.prior_loss_weight < 0:
+                problems.append(f"{key}: class_images must be >= 1 and prior_loss_weight >= 0")
     return problems
 
 

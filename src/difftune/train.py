@@ -18,6 +18,7 @@ Several processes: everything that depends on the strategy (DDP, FSDP, DeepSpeed
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import signal
@@ -185,7 +186,9 @@ def _train(cfg: Config, checked, log, progress_mode: str) -> Path:
 
     from . import parallel, speed
     from .data.cache import FeatureStore, ImageFeatures, PromptFeatures
-    from .data.dataset import TrainingData
+    from .data.dataset import TrainingData, build_items
+    from .data.mix import mixed_sources
+    from .objectives.preserve import make_terms
     from .preflight import check_steps
 
     quiet_diffusers_bars()
@@ -207,8 +210,17 @@ def _train(cfg: Config, checked, log, progress_mode: str) -> Path:
         check_resume_compatible(config_from_dict(yaml.safe_load(resumed["config_yaml"])), cfg, resume_from)
         check_steps(cfg, resumed["state"]["step"], resume_from)
 
+    # own concepts, plus replayed runs' concepts and class images (drawn now if missing), data/mix.py
+    concepts, companions = mixed_sources(cfg, family_cls, say) if main else (None, None)
+    accelerator.wait_for_everyone()
+    if not main:
+        concepts, companions = mixed_sources(cfg, family_cls, say)
+    data_cfg = dataclasses.replace(cfg.data, concepts=concepts)
+    own = len(cfg.data.concepts)  # validation holds out only the run's own images, never replayed or class ones
+    extra = build_items(data_cfg, log=say) if companions or len(concepts) > own else []
     items, val_items, val_concepts = validation_items(cfg, items, say)
-    data = TrainingData(items, cfg.data, multiple, cfg.train.batch_size, cfg.train.seed)
+    items = items + [i for i in extra if i.concept >= own]
+    data = TrainingData(items, data_cfg, multiple, cfg.train.batch_size, cfg.train.seed, companions)
     if main:
         (out / "config.yaml").write_text(_dump_yaml(cfg))
     say(f"{len(items)} images in {len(cfg.data.concepts)} concept(s), {data.plan.batches_per_epoch} batches per epoch")
@@ -220,8 +232,9 @@ def _train(cfg: Config, checked, log, progress_mode: str) -> Path:
     family.load()
     method = get_method(cfg.method)
     part_names = attach_method(family, cfg)
-    if not resumed:
-        method.start(family, part_names, say)
+    # also on resume: preservation terms see the starting weights (e.g. method.init_lora); the checkpoint then overwrites them
+    method.start(family, part_names, say if not resumed else (lambda *_: None))
+    terms = make_terms(cfg, family, lambda prompts: prompt_features(prompts))  # cfg.preserve, objectives/preserve.py
     speed.apply(family.parts[family.denoiser], cfg, weight_dtype, family.block_lists, accelerator.device)
     say(f"speed: {speed.describe(cfg)}")
     say(par.plan_line(family, part_names))
@@ -249,7 +262,7 @@ def _train(cfg: Config, checked, log, progress_mode: str) -> Path:
     if resumed:
         state = resumed["state"]
         par.load_checkpoint(resume_from, family.parts, part_names, optimizer,
-                            lambda tensors: _restore_tensors(family, method, part_names, tensors))
+                            lambda tensors: load_trainable_tensors(family, method, part_names, tensors))
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         if accelerator.scaler is not None and state.get("scaler"):
             accelerator.scaler.load_state_dict(state["scaler"])
@@ -260,13 +273,20 @@ def _train(cfg: Config, checked, log, progress_mode: str) -> Path:
             say(f"the checkpoint was written by {state['processes']} processes, this run has {par.world}: it continues "
                 "from the same weights and data position (not bit-identical to an uninterrupted run)")
 
+    evaluator = None  # validation.eval_every: concept scores and drift, as `difftune eval` computes them
+    if main and cfg.validation.eval_every:
+        from .evaluate.core import TrainingEval
+
+        evaluator = TrainingEval(family, cfg, items, accelerator.autocast, say)
+
     # ---- feature caches: frozen encoders see each prompt and image view once, results kept on disk ----
     cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "cache"
     text_frozen = not cfg.method.train_text_encoder
     prompt_cache: dict[str, dict] = {}
     if text_frozen:
         text_side = PromptFeatures(family, FeatureStore(cache_root / "prompts", say) if cfg.data.cache else None)
-        prompt_cache = text_side.table(data.all_prompts() + [prompt_for(it, val_concepts[it.concept]) for it in val_items])
+        prompt_cache = text_side.table(sorted(set(data.all_prompts()) | set(cfg.preserve.prompts))
+                                       + [prompt_for(it, val_concepts[it.concept]) for it in val_items])
         say(f"prompt embeddings: {text_side.encoded} encoded, {text_side.loaded} read from the cache")
         family.after_prompt_cache()  # e.g. text encoders off the accelerator, or out of memory
     views = data.fixed_views()
@@ -323,7 +343,7 @@ def _train(cfg: Config, checked, log, progress_mode: str) -> Path:
                 try:
                     with accelerator.autocast(), par.no_sync(family.parts, part_names, sync):
                         loss = _micro_step(family, objective, batch, image_features, prompt_features,
-                                           micro_seed(cfg.train.seed, k))
+                                           micro_seed(cfg.train.seed, k), terms)
                         if not torch.isfinite(loss):
                             bad_paths += batch["paths"]
                         par.backward(loss / accum)
@@ -385,6 +405,8 @@ def _train(cfg: Config, checked, log, progress_mode: str) -> Path:
                     _validate(val_loss, family, objective, part_names, accelerator, step, progress.note)
                 if cfg.validation.prompts:
                     _samples(family, cfg, step, par, progress.note)
+            if evaluator is not None and evaluator.due(step):
+                accelerator.log(evaluator(step), step=step)
     progress.close()
 
     # ---- outputs ----------------------------------------------------------------------------------
@@ -427,8 +449,10 @@ def attach_method(family, cfg: Config) -> list[str]:
     return part_names
 
 
-def _micro_step(family, objective, batch, image_features, prompt_features, seed: int):
-    """Loss of one micro-batch (mean over elements, weighted per sample)."""
+def _micro_step(family, objective, batch, image_features, prompt_features, seed: int, terms=()):
+    """Loss of one micro-batch: per-sample mean squared error, weighted by the objective's timestep
+    weights and the batch's ``loss_weights`` (which sum to 1 per loss group, see data/mix.py), plus
+    any preservation `terms`."""
     import torch
 
     device = family.device
@@ -442,10 +466,16 @@ def _micro_step(family, objective, batch, image_features, prompt_features, seed:
     target = objective.target(x0, noise, t)
     pred = family.predict(x_t, t, features)
     per_sample = ((pred.float() - target.float()) ** 2).reshape(x0.shape[0], -1).mean(dim=1)
-    return (per_sample * objective.weights(t).float()).mean()
+    n = x0.shape[0]  # a batch without loss_weights (e.g. the bench's) is the plain mean
+    share = torch.tensor(batch.get("loss_weights") or [1.0 / n] * n, dtype=torch.float32, device=per_sample.device)
+    loss = (per_sample * objective.weights(t).float() * share).sum()
+    for term in terms:
+        loss = loss + term(x_t, t, features, seed)
+    return loss
 
 
-def _trainable_tensors(family, method, part_names) -> dict:
+def trainable_tensors(family, method, part_names) -> dict:
+    """The trained weights as checkpoints store them: ``{part}.{name}`` keys."""
     tensors = {}
     for name in part_names:
         state = method.state_dict(family.parts[name])
@@ -475,19 +505,20 @@ def _save(family, method, part_names, cfg, step, data, optimizer, lr_scheduler, 
     }
     t = time.time()
     path = par.save_checkpoint(step, family.parts, part_names, optimizer,
-                               lambda: _trainable_tensors(family, method, part_names), state, _dump_yaml(cfg))
+                               lambda: trainable_tensors(family, method, part_names), state, _dump_yaml(cfg))
     if par.is_main:
         note(f"checkpoint {path.name} saved in {time.time() - t:.1f}s")
 
 
-def _restore_tensors(family, method, part_names, tensors: dict) -> None:
-    """Load a checkpoint's ``trainable.safetensors`` (keys prefixed with the part name) into the parts."""
+def load_trainable_tensors(family, method, part_names, tensors: dict, where: str = "checkpoint") -> None:
+    """Put trained weights (``{part}.{name}`` keys, as `trainable_tensors` makes them and checkpoints
+    store them) into the trained parts; shared with `difftune eval`, which loads each checkpoint so."""
     for name in part_names:
         prefix = f"{name}."
         state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         if not state:
-            raise CheckpointError(f"checkpoint has no weights for {name}")
-        method.load_state_dict(family.parts[name], state, f"checkpoint ({name})")
+            raise CheckpointError(f"{where} has no weights for {name}")
+        method.load_state_dict(family.parts[name], state, f"{where} ({name})")
 
 
 def _validate(val_loss, family, objective, part_names, accelerator, step: int, note) -> None:

@@ -150,6 +150,8 @@ class BatchPlan:
     `batch_size`: the incomplete rest of a group is dropped (a different rest each epoch), except
     that a group smaller than one batch is filled up by repeating its own items, so that no bucket
     goes untrained. Batches are then ordered by where their first item falls in the permutation.
+    An item appears ``repeats`` times per epoch, times its concept's ``sampling_weight`` in whole
+    multiples of the lightest concept's (weights 1 and 2: once and twice).
     The number of batches per epoch is therefore the same in every epoch; with one bucket this is
     the plain "shuffle, cut, drop the last partial batch" plan. If all items together are fewer
     than `batch_size`, the batch size shrinks to their number.
@@ -157,7 +159,10 @@ class BatchPlan:
 
     def __init__(self, items: list[Item], concepts: list[ConceptConfig], batch_size: int, seed: int,
                  bucket_of: list[int] | None = None):
-        self.entries = [i for i, item in enumerate(items) for _ in range(concepts[item.concept].repeats)]
+        used = {item.concept for item in items}
+        lightest = min((concepts[c].sampling_weight for c in used), default=1.0)
+        times = {c: concepts[c].repeats * max(1, round(concepts[c].sampling_weight / lightest)) for c in used}
+        self.entries = [i for i, item in enumerate(items) for _ in range(times[item.concept])]
         self.bucket_of = bucket_of or [0] * len(items)
         self.batch_size = min(batch_size, len(self.entries))
         self.seed = seed
@@ -205,10 +210,12 @@ class TrainingData:
     `resolution_multiple` is what the family needs image sides to be a multiple of.
     """
 
-    def __init__(self, items: list[Item], data: DataConfig, resolution_multiple: int, batch_size: int, seed: int):
+    def __init__(self, items: list[Item], data: DataConfig, resolution_multiple: int, batch_size: int, seed: int,
+                 companions: list | None = None):
         self.items = items
         self.data = data
         self.concepts = data.concepts
+        self.companions = companions or []
         self.seed = seed
         self.size = (data.resolution // resolution_multiple) * resolution_multiple
         self.sizes = [item.size or _image_size(item.path) for item in items]
@@ -219,6 +226,20 @@ class TrainingData:
             self.buckets = [(self.size, self.size)]
             self.bucket_of = [0] * len(items)
         self.plan = BatchPlan(items, data.concepts, batch_size, seed, self.bucket_of)
+        self.groups: dict[int, str] = {}
+        if self.companions:  # replay / class images join every batch (data/mix.py)
+            from .mix import MixedPlan
+
+            joined = {c: comp for comp in self.companions for c in comp.concepts}
+            self.groups = {c: comp.group for c, comp in joined.items()}
+            own = [i for i, item in enumerate(items) if item.concept not in joined]
+            streams = []
+            for n, comp in enumerate(self.companions):
+                members = [i for i, item in enumerate(items) if item.concept in comp.concepts]
+                if not members:
+                    raise DifftuneError(f"{comp.name}: no usable images")
+                streams.append((comp, BatchPlan([items[i] for i in members], data.concepts, 1, f"{seed}:mix{n}"), members))
+            self.plan = MixedPlan(BatchPlan([items[i] for i in own], data.concepts, batch_size, seed), own, streams)
 
     def all_prompts(self) -> list[str]:
         """Every distinct prompt training can use (for the text-embedding cache)."""
@@ -280,11 +301,14 @@ class TrainingData:
         epoch, indices = self.plan.batch(k)
         samples = [self.sample(i, epoch) for i in indices]
         views = [view for view, _ in samples]
+        from .mix import loss_weights
+
         batch = {
             "views": views,
             "prompts": [prompt for _, prompt in samples],
             "paths": [self.items[i].path for i in indices],
             "epoch": epoch,
+            "loss_weights": loss_weights(self.concepts, self.groups, [self.items[i].concept for i in indices]),
         }
         if pixels:
             batch["pixels"] = torch.stack([self.pixels(view) for view in views])

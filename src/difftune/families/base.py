@@ -224,6 +224,9 @@ class Family:
         self.weight_dtype = weight_dtype
         self.parts: dict[str, Any] = {}
         self.index: dict[str, Any] = {}
+        #: prompts sampled during training besides ``validation.prompts`` (``validation.eval_every``): a
+        #: family that frees text encoders in `after_prompt_cache` encodes these first
+        self.sampling_prompts: list[str] = []
 
     # ---- static facts, readable before loading -------------------------------------------
 

@@ -176,3 +176,32 @@ class Lora(Method):
             {n: lora_state_dict(family.parts[n]) for n in part_names},
             {n: lora_metadata(family.parts[n]) for n in part_names},
         )
+
+
+def adapters_disabled(module: Any):
+    """A context in which `module` runs as its base model (every LoRA adapter off), then on again."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def off():
+        model = unwrap(module)
+        model.disable_adapters()
+        try:
+            yield
+        finally:
+            model.enable_adapters()
+
+    return off()
+
+
+def lora_deltas(module: Any) -> dict[str, tuple[Any, Any, Any]]:
+    """Every LoRA layer of `module`: name -> (A, B, scaling), the adapter's weight delta being
+    ``scaling * B.flatten(1) @ A.flatten(1)`` (linear layers; for convolutions, B is 1x1 and A has
+    the kernel, so the delta is the flattened kernel delta)."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for name, layer in unwrap(module).named_modules():
+        if isinstance(layer, LoraLayer) and ADAPTER in layer.lora_A and hasattr(layer.lora_A[ADAPTER], "weight"):
+            out[name] = (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight, layer.scaling[ADAPTER])
+    return out

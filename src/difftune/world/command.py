@@ -15,6 +15,7 @@ EXAMPLES = """examples:
   difftune world score img.png                               # what the oracle sees
   difftune world bench world-sd --out bench-sd               # base quality on 64 unseen prompts x 2 seeds
   difftune world pretrain sd runs/world-sd --minutes 40       # from scratch; rerun to resume
+  difftune world journey --family sd                          # forgetting: style, then a place, by every remedy
 """
 
 
@@ -50,8 +51,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--steps", type=int, default=30)
 
+    from . import journey
+
+    p = sub.add_parser("journey", help="style LoRA, then a place, by every remedy for forgetting: the results table",
+                       epilog=journey.EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    journey.add_arguments(p)
+
 
 def run(args: argparse.Namespace) -> int:
+    if args.world_command == "journey":
+        from .journey import run as journey
+
+        return journey(args)
     return {"pretrain": _pretrain, "score": _score, "render": _render, "bench": _bench}[args.world_command](args)
 
 

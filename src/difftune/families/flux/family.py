@@ -176,7 +176,7 @@ class Flux(Family):
         (it cost 0.2-0.5 s of every run's start-up; tests/test_startup.py checks T5 is freed)."""
         import torch
 
-        todo = [p for p in dict.fromkeys(self.cfg.validation.prompts) if p not in self._cached]
+        todo = [p for p in dict.fromkeys([*self.cfg.validation.prompts, *self.sampling_prompts]) if p not in self._cached]
         if todo:
             with torch.no_grad():
                 features = self.encode_prompts(todo)
