@@ -144,7 +144,7 @@ def test_fsdp_full_fine_tune_of_sd_equals_ddp(sd_fsdp, sd_ddp):
     assert_sharded(out)
     assert_close(part_weights(out, "unet"), part_weights(sd_ddp[0], "unet"))
     np.testing.assert_allclose(losses(out), losses(sd_ddp[0]), rtol=0, atol=1e-6)
-    assert (out / "samples" / "step-000002" / "00-00.png").is_file(), "validation sampling on sharded weights"
+    assert (out / "samples" / "step-00000002" / "00-00.png").is_file(), "validation sampling on sharded weights"
 
 
 def test_fsdp_full_fine_tune_of_flux_equals_one_process(setup, tiny_flux):

@@ -184,7 +184,7 @@ def test_validation_samples_written(tmp_path, tiny_sd):
     out = train(load_config(None, base_overrides(tiny_sd, data, tmp_path / "out", steps=2, **{
         "validation.prompts": "[a red disc, a blue disc]", "validation.every": 1, "validation.steps": 2})), log=quiet)
     for step in (1, 2):
-        files = sorted((out / "samples" / f"step-{step:06d}").glob("*.png"))
+        files = sorted((out / "samples" / f"step-{step:08d}").glob("*.png"))
         assert len(files) == 2
         assert read_params(files[1])["prompt"] == "a blue disc"
 

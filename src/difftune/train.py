@@ -174,9 +174,11 @@ def train(cfg: Config, log=print, progress: str = "auto") -> Path:
 
     # before torch is imported (bad input is refused in a second); launchers set RANK per process
     checked = check_run(cfg, log=log if os.environ.get("RANK", "0") == "0" else (lambda *_: None))
-    from accelerate import PartialState
-
-    with claim_output_dir(cfg.output_dir, hold=PartialState().is_main_process):
+    # the process that writes output_dir holds it: the global main one, or each machine's local main
+    # one with a disk per machine (launchers set RANK and LOCAL_RANK; none is set for one process)
+    writer = os.environ.get("RANK", "0") == "0" or (
+        cfg.parallel.disk == "per_node" and os.environ.get("LOCAL_RANK", "0") == "0")
+    with claim_output_dir(cfg.output_dir, hold=writer):
         return _train(cfg, checked, log, progress)
 
 

@@ -8,7 +8,7 @@ the trained parts exactly as training left them (`train.load_trainable_tensors`)
     {"format": 1, "run": RUN_DIR, "model": BASE_MODEL, "scorer": "world" | "encoders",
      "settings": {"steps", "guidance", "seed", "images_per_prompt", "resolution"},
      "prompts": {"concepts": {NAME: [PROMPT, ...]}, "neutral": [PROMPT, ...]},
-     "results": [{"weights": "base" | "step-000200" | "final", "step": N, "metrics": {METRIC: VALUE}}],
+     "results": [{"weights": "base" | "step-00000200" | "final", "step": N, "metrics": {METRIC: VALUE}}],
      "select": {"metric": METRIC, "best": WEIGHTS, "value": VALUE}}      # only with --select
 
 Metric names: ``NAME.METRIC`` per concept (e.g. ``zdots.score``, ``zdots.colour``), ``neutral.METRIC``
