@@ -217,6 +217,9 @@ class Family:
     #: per part, the block classes that each become one FSDP unit (``parallel.strategy: fsdp``); a part not
     #: named here uses its model's own ``_no_split_modules`` (diffusers and transformers set them)
     fsdp_blocks: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: for a family that makes no images (no `task_pipelines`): how to generate with a model of it instead
+    #: (``{path}`` is the model given)
+    generate_hint: ClassVar[str | None] = None
 
     def __init__(self, cfg: "Config", device: "torch.device", weight_dtype: "torch.dtype"):
         self.cfg = cfg

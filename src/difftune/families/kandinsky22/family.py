@@ -383,6 +383,8 @@ class KandinskyPrior(_Kandinsky):
     lora_targets = {"prior": ATTENTION}
     # the image encoder resizes whatever it gets; nothing spatial is denoised
     autoencoder = None
+    generate_hint = ("{path} is a Kandinsky 2.2 prior: it makes image embeddings, not images. Generate with "
+                     "--model DECODER --prior {path} (and --prior-lora for a prior LoRA)")
 
     def load(self) -> None:
         import diffusers
@@ -467,7 +469,4 @@ class KandinskyPrior(_Kandinsky):
 
     @classmethod
     def load_pipeline(cls, path: str, device: Any, dtype: Any, extra: dict | None = None) -> Any:
-        raise DifftuneError(
-            f"{path} is a Kandinsky 2.2 prior: it makes image embeddings, not images. Generate with "
-            f"--model DECODER --prior {path} (and --prior-lora for a prior LoRA)"
-        )
+        raise DifftuneError(cls.generate_hint.format(path=path))
