@@ -205,7 +205,8 @@ def test_samples_and_checkpoints_are_numbered_alike(piped_run):
     out, _ = piped_run
     samples = {p.name for p in (out / "samples").iterdir()}
     checkpoints = {p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith(".")}
-    assert samples == {"step-00000020", "step-00000040"} and "step-00000020" in checkpoints
+    # step 0: the base model's samples, drawn before training (the report's baseline)
+    assert samples == {"step-00000000", "step-00000020", "step-00000040"} and "step-00000020" in checkpoints
 
 
 def test_quiet_prints_nothing_but_errors(tmp_path, tiny_sd, images):

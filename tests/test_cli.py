@@ -80,7 +80,7 @@ def test_resolution_not_a_multiple_names_the_model_factor(tmp_path, tiny_sd):
     result = difftune("train", empty_config(tmp_path), f"model.path={tiny_sd}", f"data.concepts=[{{dir: {data}}}]",
                       "data.resolution=66", f"output_dir={tmp_path / 'o'}")
     line = one_line_error(result, "train")
-    assert "data.resolution 66 is not a multiple of 4" in line
+    assert "data.resolution 66 is not a multiple of 8" in line
 
 
 def test_only_broken_images_is_a_clear_error(tmp_path, tiny_sd):

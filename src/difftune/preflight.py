@@ -67,8 +67,8 @@ def check_run(cfg: Config, log: Callable[[str], None] = print) -> Checked:
     if cfg.train.precision == "fp16":
         import torch
 
-        if not torch.cuda.is_available():
-            raise DifftuneError("train.precision=fp16 needs a CUDA GPU; use bf16 or no on this machine")
+        if not (torch.cuda.is_available() or torch.accelerator.is_available()):
+            raise DifftuneError("train.precision=fp16 needs an accelerator (GPU, NPU, ...); use bf16 or no on a CPU")
     items = build_items(cfg.data, log=log)
     done, where = finished_step(cfg)
     check_steps(cfg, done, where)

@@ -16,9 +16,7 @@ def share(num: int) -> tuple[list[int], Any]:
     """(indices of the images this process makes, the device it makes them on; None without a launcher)."""
     if processes() == 1:
         return list(range(num)), None
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = _state()
     return list(range(state.process_index, num, state.num_processes)), state.device
 
 
@@ -28,10 +26,18 @@ def agreed(read: Callable[[], int]) -> int:
     process makes it)."""
     if processes() == 1:
         return read()
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = _state()
     state.wait_for_everyone()
     value = read()
     state.wait_for_everyone()
     return value
+
+
+def _state() -> Any:
+    """The launcher's process state (on a machine without GPUs, `ACCELERATE_USE_CPU=true` asks for CPU
+    processes; accelerate's PartialState reads that flag only when told)."""
+    import os
+
+    from accelerate import PartialState
+
+    return PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
