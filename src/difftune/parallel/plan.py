@@ -36,7 +36,7 @@ OVERHEAD_FRACTION = 0.10
 
 EXAMPLES = """examples:
   difftune plan configs/flux-dev-full.yaml --gpus 8 --gpu-memory 80
-  difftune plan configs/sd15-lora.yaml --gpus 1 --gpu-memory 24 train.batch_size=4
+  difftune plan configs/sd15-dreambooth-lora.yaml --gpus 1 --gpu-memory 24 train.batch_size=4
 """
 
 
