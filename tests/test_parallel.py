@@ -222,6 +222,13 @@ def test_sigkill_of_the_launcher_then_rerun_is_bit_identical(setup, tiny_sd, lor
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    # a dead machine takes every process with it: the workers run in their own sessions, so kill them too
+    import psutil
+
+    workers = [p for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])]
+    for p in workers:
+        p.kill()
+    psutil.wait_procs(workers, timeout=60)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-2000:]
     assert not (out / "pytorch_lora_weights.safetensors").exists(), "the run ended before the kill"
     done = launch(args)
