@@ -3,13 +3,12 @@ the shipped copies (`shipped`, `write_shipped`).
 
 Sizes are set by what trains in well under an hour on two *shared* CPU cores: SD has a VAE of
 0.2M parameters (4x down, 4 latent channels: 16x16x4 latents), a 1.5M-parameter UNet and a 2-layer
-CLIP text encoder; FLUX a VAE with 8x down and 16 latent channels (8x8x16 latents, 4x4 = 16 packed
+CLIP text encoder; FLUX a VAE with 4x down and 16 latent channels (16x16x16 latents, 8x8 = 64 packed
 tokens), a transformer of 1 double- and 2 single-stream blocks (hidden 64), CLIP and a 2-layer T5
 encoder. FLUX pays for its 512 T5 tokens (FluxPipeline's default ``max_sequence_length``), which it
 must see in training too. Text encoders
-are random and frozen: the tokenizers are byte-level (CLIP byte-level BPE; T5 SentencePiece with
-every printable ASCII character as a piece), so any trigger word a user invents has an encoding,
-and frozen encoders keep LoRA fine-tunes of the denoiser alone meaningful.
+are trained with the denoiser in pretraining and frozen in fine-tunes: the tokenizers are byte-level (CLIP byte-level BPE; T5 SentencePiece with
+every printable ASCII character as a piece), so any trigger word a user invents has an encoding.
 
 FLUX is built *without* the guidance embedding (like FLUX.1-schnell, unlike FLUX.1-dev): FLUX.1-dev's
 guidance embedding is distilled from a teacher that ran classifier-free guidance, and a model
@@ -132,7 +131,8 @@ def _build_flux(tokenizer, text_encoder):
         num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
         base_image_seq_len=256, max_image_seq_len=4096,
     )
-    vae = _vae(16, 4, scaling_factor=1.0, shift_factor=0.0, use_quant_conv=False, use_post_quant_conv=False)
+    # 4x down (not FLUX.1's 8x): 16x16x16 latents, 8x8 = 64 packed tokens, enough to draw a triangle's corners
+    vae = _vae(16, 3, scaling_factor=1.0, shift_factor=0.0, use_quant_conv=False, use_post_quant_conv=False)
     return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
 
@@ -158,7 +158,7 @@ def write_card(out: Path, family: str, meta: dict, timings: dict, note: str = ""
     """A model card (README.md) saying what the model is and how it was made."""
     sizes = {str(f.relative_to(out)): f.stat().st_size for f in sorted(out.rglob("*.safetensors"))
              if "work" not in f.relative_to(out).parts}
-    minutes = {k: round(v / 60, 1) for k, v in timings.items()}
+    minutes = {k.removesuffix("_seconds"): round(v / 60, 1) for k, v in timings.items()}
     text = f"""---
 library_name: diffusers
 pipeline_tag: text-to-image
@@ -177,7 +177,7 @@ Made by `difftune world pretrain {family} OUT --vae-steps {meta['vae_steps']} --
 2 CPU cores: a VAE stage ({meta['vae_steps']} steps of {meta['vae_batch']} images: world scenes and
 random textures), then an ordinary difftune full fine-tune of the random-initialised denoiser
 ({meta['denoiser_steps']} steps of {meta['batch']} images, {meta['images']} rendered scenes, 10% caption
-dropout, lr {meta['lr']}, cosine). Text encoders: random, frozen; tokenizers: byte-level.
+dropout, lr {meta['lr']}, cosine). Text encoders: trained with the denoiser (frozen in fine-tunes); tokenizers: byte-level.
 Wall time in minutes: {json.dumps(minutes)}. Weights stored in float16.
 {note}
 
