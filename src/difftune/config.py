@@ -26,11 +26,18 @@ class ConfigError(DifftuneError):
     """A config file or override that cannot be used. The message names the key."""
 
 
-def _f(default: Any = dataclasses.MISSING, doc: str = "", factory: Any = dataclasses.MISSING):
-    """A dataclass field with a docstring kept in its metadata."""
+def _f(default: Any = dataclasses.MISSING, doc: str = "", factory: Any = dataclasses.MISSING,
+       resume_locked: bool = False):
+    """A dataclass field with a docstring kept in its metadata. `resume_locked`: a run may not resume
+    with another value (used by family options; the core sections list theirs in train.RESUME_LOCKED)."""
+    metadata = {"doc": doc, "resume_locked": resume_locked}
     if factory is not dataclasses.MISSING:
-        return field(default_factory=factory, metadata={"doc": doc})
-    return field(default=default, metadata={"doc": doc})
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+#: for the option dataclasses of families and methods: a documented config field
+doc_field = _f
 
 
 @dataclass
@@ -39,19 +46,14 @@ class ModelConfig:
 
     path: str = _f("", "Hub id (e.g. `black-forest-labs/FLUX.1-dev`) or a local diffusers pipeline folder.")
     family: str = _f(
-        "auto",
-        "`auto` reads `model_index.json`; or one of `sd`, `flux`, `kandinsky22-prior`, `kandinsky22-decoder`.",
+        "auto", "`auto` reads `model_index.json`; or a family name (`difftune train --help` lists them)."
     )
     revision: Optional[str] = _f(None, "Hub revision (branch, tag or commit) to load.")
     variant: Optional[str] = _f(None, "Weight variant to load, e.g. `fp16`.")
-    prior: Optional[str] = _f(
-        None,
-        "Kandinsky 2.2 decoder only: the prior pipeline whose CLIP image encoder makes the decoder's "
-        "conditioning embeddings.",
-    )
-    decoder: Optional[str] = _f(
-        None,
-        "Kandinsky 2.2 prior only: a decoder pipeline that turns the prior's embeddings into validation images.",
+    options: dict = _f(
+        factory=dict,
+        doc="The family's own options (`model.options.KEY`); each family's keys are listed below under "
+        "**model.options (FAMILY)**. An unknown key is an error.",
     )
 
 
@@ -132,10 +134,6 @@ class ObjectiveConfig:
         "it uses dynamic shifting, else the scheduler's `shift`.",
     )
     weighting: Literal["none", "sigma_sqrt", "cosmap"] = _f("none", "Flow matching: loss weighting scheme.")
-    guidance: float = _f(1.0, "Guidance-distilled models (FLUX.1-dev): the guidance value fed while training.")
-    max_sequence_length: Optional[int] = _f(
-        None, "Text tokens for T5-style encoders; default the family's (512 for FLUX.1-dev)."
-    )
 
 
 @dataclass
@@ -248,6 +246,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
     if origin is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is dict:
+        return "mapping"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -286,6 +286,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {tp.__name__} keys, got {value!r}")
@@ -319,6 +323,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 def _unknown_key(cls, name: str, prefix: str) -> ConfigError:
     valid = [f.name for f in dataclasses.fields(cls)]
     where = f"{prefix}.{name}" if prefix else name
+    moved = moved_keys().get(where)
+    if moved:
+        return ConfigError(f"config key {where!r} is now {moved!r}; rename it in your config")
     close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
     hint = f"; did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
     return ConfigError(f"unknown config key {where!r}{hint} (valid keys here: {', '.join(valid)})")
@@ -333,6 +340,21 @@ def _build(cls, data: dict, prefix: str = ""):
             raise _unknown_key(cls, str(name), prefix)
         kwargs[name] = _convert(value, hints[name], f"{prefix}.{name}" if prefix else name)
     return cls(**kwargs)
+
+
+def moved_keys() -> dict[str, str]:
+    """Old config key -> its new name, as the family folders declare them (``options.py``'s ``MOVED``)."""
+    from .families.registry import folder_module, folders
+
+    moved: dict[str, str] = {}
+    for folder in folders():
+        moved.update(getattr(folder_module(folder, "options"), "MOVED", {}))
+    return moved
+
+
+def build_options(cls: Any, data: dict, prefix: str = "model.options") -> Any:
+    """A family's typed options (dataclass `cls`) from ``model.options``, as strictly as the rest."""
+    return _build(cls, data or {}, prefix)
 
 
 def to_dict(cfg: Any) -> dict:
@@ -386,6 +408,14 @@ def apply_override(data: dict, path: list[str], value: Any) -> None:
             node[part] = value
             return
         tp = _hints(cls)[part]
+        if tp is dict:  # a free mapping (model.options), checked against its family later
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{'.'.join(path[: depth + 1])} must be a mapping")
+            for key in path[depth + 1 : -1]:
+                node = node.setdefault(key, {})
+            node[path[-1]] = value
+            return
         if typing.get_origin(tp) is list:
             (item,) = typing.get_args(tp)
             node = node.setdefault(part, [])
@@ -483,7 +513,7 @@ def reference_markdown() -> str:
     """The config reference (every key, its type, default and meaning) as Markdown, for the README."""
     lines: list[str] = []
 
-    def section(cls, prefix: str) -> None:
+    def section(cls, prefix: str, title: str | None = None) -> None:
         hints = _hints(cls)
         rows = []
         nested = []
@@ -505,7 +535,7 @@ def reference_markdown() -> str:
             shown = "" if default in ("", None, []) else f"`{default}`"
             rows.append(f"| `{key}` | {_type_name(tp)} | {shown} | {f.metadata.get('doc', '')} |")
         if rows:
-            lines.append(f"**{prefix.rstrip('.') or 'top level'}** — {(cls.__doc__ or '').strip()}\n")
+            lines.append(f"**{title or prefix.rstrip('.') or 'top level'}** — {(cls.__doc__ or '').strip()}\n")
             lines.append("| key | type | default | meaning |")
             lines.append("| --- | --- | --- | --- |")
             lines.extend(rows)
@@ -514,4 +544,8 @@ def reference_markdown() -> str:
             section(tp, p)
 
     section(Config, "")
+    from .families.registry import FAMILIES, get_family
+
+    for name in FAMILIES:  # each family's own model.options
+        section(get_family(name).options_class, "model.options.", f"model.options ({name})")
     return "\n".join(lines)

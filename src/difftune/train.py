@@ -30,7 +30,7 @@ EXIT_INTERRUPTED = 75
 
 #: config sections / keys that must not change when resuming (weights would not fit or mean else)
 RESUME_LOCKED = {
-    "model": ("path", "family", "revision", "variant", "prior"),
+    "model": ("path", "family", "revision", "variant"),
     "method": ("kind", "rank", "alpha", "target_modules", "train_text_encoder"),
 }
 
@@ -53,14 +53,21 @@ def _dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
 
 
-def check_resume_compatible(saved: Config, cfg: Config, where: Path) -> None:
-    """Refuse a resume whose config change would make the saved weights meaningless."""
+def check_resume_compatible(saved: Config, cfg: Config, where: Path, options_class: type | None = None) -> None:
+    """Refuse a resume whose config change would make the saved weights meaningless. Besides
+    `RESUME_LOCKED`, the family's options marked ``resume_locked`` (`options_class`) may not change."""
+    import dataclasses
+
     changes = []
     for section, keys in RESUME_LOCKED.items():
         for key in keys:
             old, new = getattr(getattr(saved, section), key), getattr(getattr(cfg, section), key)
             if old != new:
                 changes.append(f"{section}.{key}: {old!r} -> {new!r}")
+    for f in dataclasses.fields(options_class) if options_class else ():
+        old, new = saved.model.options.get(f.name), cfg.model.options.get(f.name)
+        if f.metadata.get("resume_locked") and old != new:
+            changes.append(f"model.options.{f.name}: {old!r} -> {new!r}")
     if changes:
         raise DifftuneError(
             f"cannot resume from {where}: the config changed what was trained ({'; '.join(changes)}). "
@@ -194,6 +201,7 @@ def train(cfg: Config, log=print) -> Path:
     family_cls = resolve_family(cfg.model.path, cfg.model.family, cfg.model.revision)
     multiple = family_cls.resolution_multiple(cfg.model.path, cfg.model.revision)
     validate(cfg, resolution_multiple=multiple)
+    family_cls.options_for(cfg)  # the family's model.options, checked before anything loads
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():
         raise DifftuneError("train.precision=fp16 needs a CUDA GPU; use bf16 or no on this machine")
     out = Path(cfg.output_dir)
@@ -210,7 +218,8 @@ def train(cfg: Config, log=print) -> Path:
     if resumed:
         import yaml
 
-        check_resume_compatible(config_from_dict(yaml.safe_load(resumed["config_yaml"])), cfg, resume_from)
+        saved = config_from_dict(yaml.safe_load(resumed["config_yaml"]))
+        check_resume_compatible(saved, cfg, resume_from, family_cls.options_class)
 
     items = build_items(cfg.data, log=say)
     data = TrainingData(items, cfg.data, multiple, cfg.train.batch_size, cfg.train.seed)

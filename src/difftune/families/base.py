@@ -33,6 +33,11 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from ..config import Config
 
 
+@dataclass
+class NoOptions:
+    """A family without options of its own: any ``model.options`` key is an error."""
+
+
 @dataclass(frozen=True)
 class Preset:
     """A model size for `difftune bench` (each family folder's ``presets.py``): config overrides per part
@@ -133,13 +138,27 @@ class Family:
     #: the part whose spatial factor constrains resolutions, and the extra factor on top of it (packing)
     autoencoder: ClassVar[str | None] = "vae"
     extra_resolution_factor: ClassVar[int] = 1
+    #: the dataclass of this family's ``model.options`` (its folder's ``options.py``)
+    options_class: ClassVar[type] = NoOptions
 
     def __init__(self, cfg: "Config", device: "torch.device", weight_dtype: "torch.dtype"):
         self.cfg = cfg
         self.device = device
         self.weight_dtype = weight_dtype
+        self.options = self.options_for(cfg)
         self.parts: dict[str, Any] = {}
         self.index: dict[str, Any] = {}
+
+    @classmethod
+    def options_for(cls, cfg: "Config") -> Any:
+        """``model.options`` as this family's typed options, checked (a ConfigError names the key)."""
+        from ..config import ConfigError, build_options
+
+        options = build_options(cls.options_class, cfg.model.options)
+        problems = options.problems() if hasattr(options, "problems") else []
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return options
 
     # ---- static facts, readable before loading -------------------------------------------
 
@@ -212,22 +231,24 @@ class Family:
         (``kind="prompts"``) output depends on. The on-disk feature caches are keyed by it, so a family
         whose encoders read more parts or settings than these defaults extends it.
 
-        Default: the family, the weight dtype, the model (path, revision, variant, prior) and the
-        on-disk identity of the parts involved: the autoencoder for images; the text encoders, their
-        tokenizers (``text_encoder_2`` -> ``tokenizer_2``) and ``objective.max_sequence_length`` for prompts.
+        Default: the family, the weight dtype, the model (path, revision, variant, family options) and
+        the on-disk identity of the parts involved: the autoencoder for images; the text encoders and
+        their tokenizers (``text_encoder_2`` -> ``tokenizer_2``) for prompts.
         """
+        import dataclasses
+
         from ..data.cache import part_fingerprint
 
         m = self.cfg.model
         if kind == "images":
             parts = [self.autoencoder] if self.autoencoder else []
-            settings: dict[str, Any] = {}
         else:
             parts = [*self.text_encoders, *(name.replace("text_encoder", "tokenizer") for name in self.text_encoders)]
-            settings = {"max_sequence_length": self.cfg.objective.max_sequence_length}
+        settings: dict[str, Any] = {}
         return {
             "family": self.name, "kind": kind, "dtype": str(self.weight_dtype), "settings": settings,
-            "model": {"path": m.path, "revision": m.revision, "variant": m.variant, "prior": m.prior},
+            "model": {"path": m.path, "revision": m.revision, "variant": m.variant,
+                      "options": dataclasses.asdict(self.options)},
             "parts": {name: part_fingerprint(m.path, name, m.revision) for name in parts},
         }
 
