@@ -28,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
               "time a training step (or generation) against the machine's limit: s/step, memory, MFU"),
     "config": ("difftune.commands:add_config_arguments:run_config:CONFIG_EXAMPLES",
                "print the config reference or check a config file"),
-    "data": ("difftune.data.check:add_arguments:run:EXAMPLES",
+    "data": ("difftune.commands:add_data_arguments:run_data:DATA_EXAMPLES",
              "check training data: counts, sizes, aspect ratios, captions and problems per file"),
 }
 

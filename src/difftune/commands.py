@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from .data.check import EXAMPLES as DATA_EXAMPLES  # noqa: F401 (the `data` command's help)
+from .data.check import add_arguments as add_data_arguments  # noqa: F401
+
 TRAIN_EXAMPLES = """examples:
   difftune train configs/sd15-lora.yaml
   difftune train configs/sd15-lora.yaml train.lr=5e-5 train.steps=2000 output_dir=runs/dog-v2
@@ -48,13 +51,24 @@ def run_config(args: argparse.Namespace) -> int:
     if not args.config:
         raise DifftuneError("config check needs a config file")
     cfg = load_config(args.config, args.overrides)
-    multiple = None
-    from pathlib import Path
-
-    if Path(cfg.model.path).is_dir():
-        from .families.registry import resolve_family
-
-        multiple = resolve_family(cfg.model.path, cfg.model.family).resolution_multiple(cfg.model.path)
-    validate(cfg, resolution_multiple=multiple)
+    validate(cfg, resolution_multiple=local_resolution_multiple(cfg.model))
     print(f"{args.config}: ok")
     return 0
+
+
+def local_resolution_multiple(model) -> int | None:
+    """The side multiple of a config's model when it is a local folder (no download), else None."""
+    from pathlib import Path
+
+    if not (model.path and Path(model.path).is_dir()):
+        return None
+    from .families.registry import resolve_family
+
+    return resolve_family(model.path, model.family).resolution_multiple(model.path)
+
+
+def run_data(args: argparse.Namespace) -> int:
+    """`difftune data check`: data/check.py, told the model's side multiple by the family registry."""
+    from .data.check import run
+
+    return run(args, local_resolution_multiple)

@@ -113,8 +113,9 @@ def check(data: "DataConfig", multiple: int) -> Report:
     return Report(lines, len(items))
 
 
-def _target(target: str, overrides: list[str]) -> tuple["DataConfig", int | None]:
-    """The data section to check and the model's side multiple when known."""
+def _target(target: str, overrides: list[str], multiple_for=None) -> tuple["DataConfig", int | None]:
+    """The data section to check and the model's side multiple when known (`multiple_for(model
+    config)` tells it for a local model; the command passes the family registry's)."""
     from ..config import ConceptConfig, DataConfig, load_config
     from .hf import FILE_BUILDERS
 
@@ -131,11 +132,7 @@ def _target(target: str, overrides: list[str]) -> tuple["DataConfig", int | None
     for i, concept in enumerate(cfg.data.concepts):
         if bool(concept.dir) == bool(concept.hf):
             raise DifftuneError(f"{target}: data.concepts[{i}] needs exactly one of `dir` or `hf`")
-    multiple = None
-    if cfg.model.path and Path(cfg.model.path).is_dir():
-        from ..families.registry import resolve_family
-
-        multiple = resolve_family(cfg.model.path, cfg.model.family).resolution_multiple(cfg.model.path)
+    multiple = multiple_for(cfg.model) if multiple_for else None
     return cfg.data, multiple
 
 
@@ -147,8 +144,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="override config values")
 
 
-def run(args: argparse.Namespace) -> int:
-    data, multiple = _target(args.target, args.overrides)
+def run(args: argparse.Namespace, multiple_for=None) -> int:
+    data, multiple = _target(args.target, args.overrides, multiple_for)
     report = check(data, multiple or DEFAULT_MULTIPLE)
     print(report.text)
     if multiple is None:
