@@ -26,17 +26,15 @@ EXAMPLES = """examples:
 
 def save_image(image: Any, path: Path, params: dict) -> None:
     """Write `image` as PNG with `params` in its text chunks; atomically (temp file, then rename)."""
-    import os
-
     from PIL.PngImagePlugin import PngInfo
+
+    from .util.atomic import atomic_write
 
     info = PngInfo()
     info.add_text("difftune", json.dumps(params, ensure_ascii=False))
     summary = ", ".join(f"{k}: {v}" for k, v in params.items() if k != "prompt")
     info.add_text("parameters", f"{params.get('prompt', '')}\n{summary}")
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 def read_params(path: str | Path) -> dict:

@@ -24,6 +24,8 @@ from . import DifftuneError
 from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import Config, config_from_dict, to_dict, validate
 from .methods import get_method
+from .run_layout import RunLayout
+from .util.atomic import atomic_write_text
 
 #: exit code of a run stopped by SIGTERM / SIGINT after saving a checkpoint ("try again later")
 EXIT_INTERRUPTED = 75
@@ -204,11 +206,12 @@ def train(cfg: Config, log=print) -> Path:
     family_cls.options_for(cfg)  # the family's model.options, checked before anything loads
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():
         raise DifftuneError("train.precision=fp16 needs a CUDA GPU; use bf16 or no on this machine")
-    out = Path(cfg.output_dir)
+    layout = RunLayout(cfg.output_dir)
+    out = layout.root
     out.mkdir(parents=True, exist_ok=True)
 
     accelerator = Accelerator(
-        mixed_precision=cfg.train.precision, log_with="tensorboard", project_dir=str(out / "logs")
+        mixed_precision=cfg.train.precision, log_with="tensorboard", project_dir=str(layout.logs)
     )
     main = accelerator.is_main_process
     say = log if main else (lambda *_: None)
@@ -224,7 +227,7 @@ def train(cfg: Config, log=print) -> Path:
     items = build_items(cfg.data, log=say)
     data = TrainingData(items, cfg.data, multiple, cfg.train.batch_size, cfg.train.seed)
     if main:
-        (out / "config.yaml").write_text(_dump_yaml(cfg))
+        atomic_write_text(layout.config, _dump_yaml(cfg))
     say(f"{len(items)} images in {len(cfg.data.concepts)} concept(s), {data.plan.batches_per_epoch} batches per epoch")
 
     # ---- model and method ---------------------------------------------------------------------
@@ -262,7 +265,7 @@ def train(cfg: Config, log=print) -> Path:
         say(f"resuming from {resume_from} (step {start} of {cfg.train.steps})")
 
     # ---- feature caches: frozen encoders see each prompt and image view once, results kept on disk ----
-    cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "cache"
+    cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else layout.cache
     text_frozen = not cfg.method.train_text_encoder
     prompt_cache: dict[str, dict] = {}
     if text_frozen:
@@ -288,7 +291,7 @@ def train(cfg: Config, log=print) -> Path:
         return {k: torch.stack([r[k] for r in rows]) for k in rows[0]} if rows and rows[0] else {}
 
     # ---- the loop -----------------------------------------------------------------------------------
-    loss_log = out / "logs" / "loss.jsonl"
+    loss_log = layout.loss_log
     if main:
         loss_log.parent.mkdir(parents=True, exist_ok=True)
         _truncate_log(loss_log, start)
@@ -358,7 +361,7 @@ def train(cfg: Config, log=print) -> Path:
                 progress.close()
                 raise Interrupted(
                     f"stopped by signal {stop.signal} after step {step}; checkpoint saved in "
-                    f"{out / 'checkpoints'}. Run the same command again to continue."
+                    f"{layout.checkpoints}. Run the same command again to continue."
                 )
             if cfg.validation.prompts and cfg.validation.every and step % cfg.validation.every == 0 and step < cfg.train.steps:
                 _samples(family, cfg, step, accelerator)
@@ -499,7 +502,7 @@ def _samples(family, cfg, step, accelerator) -> None:
     if not accelerator.is_main_process:
         return
     v = cfg.validation
-    folder = Path(cfg.output_dir) / "samples" / f"step-{step:06d}"
+    folder = RunLayout(cfg.output_dir).samples_at(step)
     folder.mkdir(parents=True, exist_ok=True)
     size = cfg.data.resolution
     guidance = v.guidance if v.guidance is not None else family.default_guidance
@@ -556,6 +559,6 @@ def _progress_write(message: str) -> None:
 
 def read_losses(output_dir: str | Path) -> list[dict]:
     """The per-step log of a run (step, loss, lr, grad_norm)."""
-    path = Path(output_dir) / "logs" / "loss.jsonl"
+    path = RunLayout(output_dir).loss_log
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from .. import DifftuneError
 from ..config import ConceptConfig
-from .cache import atomic_write_bytes
+from ..util.atomic import atomic_write_bytes
 from .items import Item
 from .images import sniff_image_bytes
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import DifftuneError
 from ..families.base import unwrap
+from ..run_layout import RunLayout
 from . import Method
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -95,7 +96,7 @@ def init_from_lora(family: Any, path: str, parts: list[str]) -> None:
     from safetensors.torch import load_file
 
     p = Path(path)
-    file = p / "pytorch_lora_weights.safetensors" if p.is_dir() else p
+    file = RunLayout(p).lora if p.is_dir() else p
     if not file.is_file():
         raise DifftuneError(f"method.init_lora: no LoRA file at {file}")
     try:

@@ -31,19 +31,19 @@ and ``pipe.prior.load_lora_adapter(...)`` load them.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from ... import DifftuneError
 from ...objectives.ddpm import DDPMObjective
+from ...run_layout import LORA_FILE, RunLayout
+from ...util.atomic import atomic_write
 from ..base import Family, load_part, read_model_index
 from .options import DecoderOptions, PriorOptions
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 #: the decoder's SimpleCrossAttn blocks project the image-embedding tokens with their own key/value layers
 DECODER_ATTENTION = [*ATTENTION, "add_k_proj", "add_v_proj"]
-LORA_FILE = "pytorch_lora_weights.safetensors"
 PRIOR_PIPELINE = "KandinskyV22PriorPipeline"
 DECODER_PIPELINE = "KandinskyV22Pipeline"
 
@@ -212,10 +212,8 @@ class _Kandinsky(Family):
         state = convert_unet_state_dict_to_peft(dict(states[self.denoiser]))
         config = {k: sorted(v) if isinstance(v, set) else v for k, v in metadata[self.denoiser].items()}
         header = {"format": "pt", "lora_adapter_metadata": json.dumps(config, indent=2, sort_keys=True)}
-        target = Path(out_dir) / LORA_FILE
-        tmp = target.with_name(f".{target.name}.tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp), metadata=header)
-        os.replace(tmp, target)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        atomic_write(RunLayout(out_dir).lora, lambda tmp: save_file(tensors, str(tmp), metadata=header))
 
     def companion(self) -> Any:
         """The other part's pipeline (decoder for the prior, prior for the decoder) on the device, for
