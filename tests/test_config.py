@@ -151,3 +151,14 @@ def test_reference_lists_each_family_options():
     text = reference_markdown()
     assert "**model.options (flux)**" in text and "`model.options.guidance`" in text
     assert "**model.options (kandinsky22-decoder)**" in text and "`model.options.prior`" in text
+
+
+def test_method_kind_comes_from_the_method_registry():
+    from difftune.methods import method_kinds
+
+    assert {"lora", "dora", "full"} <= set(method_kinds())
+    assert load_config(None, ["method.kind=dora"]).method.kind == "dora"
+    with pytest.raises(ConfigError, match=r"method.kind: 'lorra' is not one of .*did you mean 'lora'"):
+        load_config(None, ["method.kind=lorra"])
+    text = reference_markdown()
+    assert all(f"| `{kind}` |" in text for kind in method_kinds())

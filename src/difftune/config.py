@@ -61,7 +61,7 @@ class ModelConfig:
 class MethodConfig:
     """How the model is adapted."""
 
-    kind: Literal["lora", "full"] = _f("lora", "`lora` trains low-rank adapters; `full` trains every weight.")
+    kind: str = _f("lora", "The training method, one of those in the **methods** table below.")
     rank: int = _f(16, "LoRA rank.")
     alpha: Optional[float] = _f(None, "LoRA alpha (scale = alpha / rank); defaults to the rank.")
     dropout: float = _f(0.0, "LoRA dropout probability.")
@@ -76,6 +76,14 @@ class MethodConfig:
     init_lora: Optional[str] = _f(
         None, "Start from an existing LoRA (a folder or .safetensors file); rank and targets must match."
     )
+
+    def __post_init__(self):
+        from .methods import method_kinds
+
+        if self.kind not in method_kinds():
+            close = difflib.get_close_matches(str(self.kind), method_kinds(), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"method.kind: {self.kind!r} is not one of {', '.join(map(repr, method_kinds()))}{hint}")
 
 
 @dataclass
@@ -545,7 +553,12 @@ def reference_markdown() -> str:
 
     section(Config, "")
     from .families.registry import FAMILIES, get_family
+    from .methods import get_method_class, method_kinds
 
+    lines += ["**methods** — what `method.kind` chooses.\n", "| method.kind | what it trains |", "| --- | --- |"]
+    for kind in method_kinds():
+        lines.append(f"| `{kind}` | {' '.join((get_method_class(kind).__doc__ or '').split(chr(10) + chr(10))[0].split())} |")
+    lines.append("")
     for name in FAMILIES:  # each family's own model.options
         section(get_family(name).options_class, "model.options.", f"model.options ({name})")
     return "\n".join(lines)
