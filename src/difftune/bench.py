@@ -606,13 +606,7 @@ def _run_train(case: Case, cfg: Any, preset: Preset, device: Any, weight_dtype: 
     encoders_device = torch.device("meta") if set(preset.parts) - {family.denoiser} else device
     images, prompts = cached_inputs(family, cfg.data.resolution, case.batch, encoders_device)
     objective = family.make_objective()
-    batch = {"views": list(range(case.batch)), "prompts": [PROMPT] * case.batch, "paths": []}
-
-    def image_features(views: list) -> dict:
-        return dict(images)  # a new dict each call: the step pops x0 from it
-
-    def prompt_features(names: list[str]) -> dict:
-        return dict(prompts)
+    features = {**images, **prompts}  # a cached batch, as `FeatureRoute.features` hands it to the step
 
     # measurement only, not part of a training run's first step: the denoiser's inputs and FLOPs
     t_probe = time.perf_counter()
@@ -633,7 +627,7 @@ def _run_train(case: Case, cfg: Any, preset: Preset, device: Any, weight_dtype: 
 
     def train_step(k: int) -> None:
         with accelerator.autocast():
-            loss = _micro_step(family, objective, batch, image_features, prompt_features, micro_seed(0, k, 0))
+            loss = _micro_step(family, objective, features, micro_seed(0, k, 0))
         finite = bool(torch.isfinite(loss))  # the loop checks every loss (one sync per step, as there)
         accelerator.backward(loss)
         if max_norm is not None:

@@ -197,6 +197,7 @@ def train(cfg: Config, log=print) -> Path:
     from . import speed
     from .data.cache import FeatureStore, ImageFeatures, PromptFeatures
     from .data.dataset import TrainingData, build_items
+    from .data.features import FeatureRoute
     from .families.registry import resolve_family
 
     # ---- check everything that needs no model -------------------------------------------------
@@ -284,11 +285,7 @@ def train(cfg: Config, log=print) -> Path:
     elif cfg.data.cache:
         say("data.crop=random: image features are encoded at every step, not cached (each epoch's crops differ)")
 
-    def prompt_features(prompts: list[str]) -> dict:
-        if not text_frozen:
-            return family.encode_prompts(prompts)
-        rows = [prompt_cache[p] for p in prompts]
-        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]} if rows and rows[0] else {}
+    route = FeatureRoute(data, image_features, prompt_cache if text_frozen else None, family.encode_prompts)
 
     # ---- the loop -----------------------------------------------------------------------------------
     loss_log = layout.loss_log
@@ -306,14 +303,13 @@ def train(cfg: Config, log=print) -> Path:
             losses, bad_paths = [], []
             for micro in range(accum):
                 k = (step * accum + micro) * world + rank
-                batch = data.batch(k, pixels=False)
                 sync = micro == accum - 1
                 try:
                     with accelerator.autocast(), _no_sync(accelerator, family, part_names, sync):
-                        loss = _micro_step(family, objective, batch, image_features, prompt_features,
-                                           micro_seed(cfg.train.seed, k, rank))
+                        features, paths = route.features(k)  # from the disk caches, or encoded now
+                        loss = _micro_step(family, objective, features, micro_seed(cfg.train.seed, k, rank))
                         if not torch.isfinite(loss):
-                            bad_paths += batch["paths"]
+                            bad_paths += paths
                         accelerator.backward(loss / accum)
                 except torch.OutOfMemoryError:
                     raise DifftuneError(_oom_message(cfg)) from None
@@ -405,13 +401,13 @@ def attach_method(family, cfg: Config) -> list[str]:
     return part_names
 
 
-def _micro_step(family, objective, batch, image_features, prompt_features, seed: int):
-    """Loss of one micro-batch (mean over elements, weighted per sample)."""
+def _micro_step(family, objective, features: dict, seed: int):
+    """Loss of one micro-batch (mean over elements, weighted per sample). `features`: the micro-batch's
+    image and prompt features (`FeatureRoute.features`); ``x0`` is taken out of it."""
     import torch
 
     device = family.device
-    features = image_features(batch["views"])  # from the disk cache, or encoded now (frozen encoder)
-    features.update(prompt_features(batch["prompts"]))
+    features = dict(features)
     x0 = features.pop("x0").float()
     generator = torch.Generator().manual_seed(seed)
     t = objective.sample_timesteps(x0, generator)

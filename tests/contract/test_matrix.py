@@ -70,10 +70,9 @@ class _Step:
         with torch.no_grad():
             self.images = family.encode_images(pixels)
             self.prompts = family.encode_prompts(PROMPTS)
-        self.batch = {"views": list(range(len(PROMPTS))), "prompts": PROMPTS, "paths": []}
 
     def loss(self, family, objective, seed: int = 7):
-        return _micro_step(family, objective, self.batch, lambda v: dict(self.images), lambda p: dict(self.prompts), seed)
+        return _micro_step(family, objective, {**self.images, **self.prompts}, seed)
 
     def predict(self, family, objective):
         """The denoiser's prediction on a fixed noisy input."""
