@@ -189,6 +189,7 @@ _COLUMNS = [  # (title, width, formatter)
     ("img/s", 8, lambda r: _num(r.get("images_per_s"), "{:.2f}")),
     ("first_s", 8, lambda r: _num(r.get("first_step_s"), "{:.2f}")),
     ("peak_GB", 8, lambda r: _num(r.get("peak_mem_gb"), "{:.2f}")),
+    ("steps_GB", 8, lambda r: _num(r.get("steps_peak_mem_gb"), "{:.2f}")),
     ("FLOP/step", 9, lambda r: _flops(r.get("flops_per_step"))),
     ("MFU", 7, lambda r: f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"),
     ("", 0, lambda r: _note(r)),
@@ -534,7 +535,11 @@ def run_case(case: Case, work: Path) -> dict:
         except torch.OutOfMemoryError:
             raise DifftuneError(f"out of accelerator memory in case {table_row_label(row)}") from None
     row.update(measured)
-    row["peak_mem_gb"] = memory.peak / 1e9
+    setup_peak, steps_peak = row.pop("setup_peak", None), row.pop("steps_peak", None)
+    # CUDA: the whole case's peak (building and converting the model included) and the steps' own peak
+    row["peak_mem_gb"] = max(memory.peak, setup_peak or 0, steps_peak or 0) / 1e9
+    if steps_peak is not None:
+        row["steps_peak_mem_gb"] = steps_peak / 1e9
     row["peak_mem_kind"] = memory.kind
     times = row.pop("step_times")
     row["sec_per_step"] = statistics.median(times)
@@ -571,9 +576,16 @@ def _timed(steps: list[Callable[[int], Any]], device: Any, warmup: int, n: int, 
     """Run `warmup` then `n` rounds of `steps` (several step functions take turns, so a machine whose
     load drifts slows each of them alike). Returns per step function the wall-clock and process-CPU
     seconds of each timed step, and the time from `t_start` to the end of the first step."""
+    import torch
+
     first = None
+    setup_peak = None
     wall: list[list[float]] = [[] for _ in steps]
     cpu: list[list[float]] = [[] for _ in steps]
+    if device.type == "cuda":  # the steps' own peak, apart from building and converting the model
+        synchronize(device)
+        setup_peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
     for i in range(warmup + n):
         for j, step in enumerate(steps):
             t, c = time.perf_counter(), time.process_time()
@@ -585,7 +597,12 @@ def _timed(steps: list[Callable[[int], Any]], device: Any, warmup: int, n: int, 
             if i >= warmup:
                 wall[j].append(now - t)
                 cpu[j].append(time.process_time() - c)
-    return {"wall": wall, "cpu": cpu, "first": first}
+    steps_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {"wall": wall, "cpu": cpu, "first": first, "setup_peak": setup_peak, "steps_peak": steps_peak}
+
+
+def _peaks(timed: dict) -> dict:
+    return {"setup_peak": timed["setup_peak"], "steps_peak": timed["steps_peak"]}
 
 
 def _run_train(case: Case, cfg: Any, preset: Preset, device: Any, weight_dtype: Any, work: Path) -> dict:
@@ -660,7 +677,7 @@ def _run_train(case: Case, cfg: Any, preset: Preset, device: Any, weight_dtype: 
     timed = _timed(steps, device, case.warmup, case.steps or 10, t_start)
     result = {
         "step_times": timed["wall"][0], "cpu_sec_per_step": statistics.median(timed["cpu"][0]),
-        "first_step_s": timed["first"] - probe_s, "flops_per_step": flops, "flops_forward": forward_flops,
+        **_peaks(timed), "first_step_s": timed["first"] - probe_s, "flops_per_step": flops, "flops_forward": forward_flops,
         "params_total": sum(p.numel() for p in unwrap(family.parts[family.denoiser]).parameters()),
         "params_trained": sum(p.numel() for p in params),
     }
@@ -728,7 +745,7 @@ def _run_generate(case: Case, cfg: Any, preset: Preset, device: Any, weight_dtyp
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         call(1)
     timed = _timed([call], device, 0, case.steps or 3, t_start)
-    return {"step_times": timed["wall"][0], "cpu_sec_per_step": statistics.median(timed["cpu"][0]),
+    return {"step_times": timed["wall"][0], "cpu_sec_per_step": statistics.median(timed["cpu"][0]), **_peaks(timed),
             "first_step_s": first, "flops_per_step": int(counter.get_total_flops()), "gen_steps": case.gen_steps}
 
 
@@ -750,7 +767,7 @@ def _run_baseline(case: Case, cfg: Any, preset: Preset, device: Any, weight_dtyp
     pixels = (torch.rand(case.batch, 3, cfg.data.resolution, cfg.data.resolution, generator=generator) * 2 - 1).to(device)
     prompts = [PROMPT] * case.batch
     timed = _timed([lambda k: baseline.step(pixels, prompts)], device, case.warmup, case.steps or 10, t_start)
-    return {"step_times": timed["wall"][0], "cpu_sec_per_step": statistics.median(timed["cpu"][0]),
+    return {"step_times": timed["wall"][0], "cpu_sec_per_step": statistics.median(timed["cpu"][0]), **_peaks(timed),
             "first_step_s": timed["first"], "params_trained": baseline.n_trained}
 
 

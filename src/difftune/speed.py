@@ -94,6 +94,11 @@ def setup(cfg: "Config", device: torch.device) -> None:
         precision = "tf32" if s.tf32 else "ieee"
         torch.backends.cuda.matmul.fp32_precision = precision
         torch.backends.cudnn.conv.fp32_precision = precision
+        # PyTorch SDPA may pick its cuDNN kernel on Hopper. On an H200 (torch 2.11, CUDA 13) that choice made
+        # the backward of a FLUX.1 LoRA step fail with an illegal memory access; the flash and
+        # memory-efficient kernels ran it (BENCHMARKS.md). `native` therefore leaves cuDNN out; the
+        # `_native_cudnn` backend still asks for it explicitly.
+        torch.backends.cuda.enable_cudnn_sdp(s.attention_backend == "_native_cudnn")
 
 
 def _check_attention_backend(name: str, device: torch.device) -> None:
