@@ -673,7 +673,7 @@ def _run_train(case: Case, cfg: Any, preset: Preset, device: Any, weight_dtype: 
         baseline = _make_baseline(case, cfg, device, weight_dtype)
         pixels = torch.rand(case.batch, 3, cfg.data.resolution, cfg.data.resolution,
                             generator=torch.Generator().manual_seed(0)).to(device) * 2 - 1
-        steps = [train_step, lambda k: baseline.step(pixels, batch["prompts"])]
+        steps = [train_step, lambda k: baseline.step(pixels, [PROMPT] * case.batch)]
     timed = _timed(steps, device, case.warmup, case.steps or 10, t_start)
     result = {
         "step_times": timed["wall"][0], "cpu_sec_per_step": statistics.median(timed["cpu"][0]),
