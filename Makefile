@@ -28,4 +28,4 @@ lock:
 	$(BIN)/python -m pip freeze --exclude-editable | grep -v -i '^torch==' > constraints.txt
 
 clean:
-	rm -rf demo-out .pytest_cache
+	rm -rf demo-out .pytest_cache test-output

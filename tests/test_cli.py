@@ -92,7 +92,7 @@ def test_only_broken_images_is_a_clear_error(tmp_path, tiny_sd):
                       "data.resolution=64", f"output_dir={tmp_path / 'o'}", "train.precision=no")
     assert result.returncode == 2
     assert "a.jpg" in result.stdout + result.stderr and "b.png" in result.stdout + result.stderr
-    assert "no usable training images" in result.stderr
+    assert f"no usable images in {data}: all 2 image files were skipped" in result.stderr
 
 
 def test_generate_bad_lora_path(tmp_path, tiny_sd):
@@ -101,12 +101,13 @@ def test_generate_bad_lora_path(tmp_path, tiny_sd):
     assert "x.safetensors" in line
 
 
-def test_config_check_and_reference(tmp_path):
+def test_config_check_and_reference(tmp_path, tiny_sd):
     assert "`train.steps`" in difftune("config", "reference").stdout
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"model:\n  path: m\ndata:\n  concepts:\n    - dir: {tmp_path}\noutput_dir: o\n")
+    data = make_images(tmp_path / "data")
+    cfg.write_text(f"model:\n  path: {tiny_sd}\ndata:\n  resolution: 64\n  concepts:\n    - dir: {data}\noutput_dir: o\n")
     result = difftune("config", "check", str(cfg))
-    assert result.returncode == 0 and "ok" in result.stdout
+    assert result.returncode == 0 and "ok (sd, 4 training images, resolution multiple 8)" in result.stdout
     one_line_error(difftune("config", "check", str(cfg), "method.rank=-1"), "config")
 
 
@@ -115,6 +116,7 @@ def test_demo_runs_the_whole_journey(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "demo"
     assert (out / "run" / "pytorch_lora_weights.safetensors").is_file()
-    assert (out / "before" / "000-seed0.png").is_file() and (out / "after" / "000-seed0.png").is_file()
+    assert [p.name for p in (out / "before").glob("*.png")] == ["0000-a-photo-of-sks-disc-seed0.png"]
+    assert [p.name for p in (out / "after").glob("*.png")] == ["0000-a-photo-of-sks-disc-seed0.png"]
     assert list((out / "run" / "samples").glob("step-*/*.png"))
     assert "[4/4]" in result.stdout and "demo finished" in result.stdout

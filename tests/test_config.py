@@ -144,7 +144,7 @@ def test_family_options_are_typed_and_strict():
     # a family without options refuses any
     with pytest.raises(ConfigError, match="unknown config key 'model.options.prior'"):
         get_family("sd").options_for(load_config(None, ["model.options.prior=x"]))
-    assert get_family("kandinsky22-decoder").options_for(load_config(None, ["model.options.prior=p"])).prior == "p"
+    assert get_family("kandinsky22-decoder").options_for(load_config(None, ["model.options.prior=owner/prior"])).prior == "owner/prior"
 
 
 def test_reference_lists_each_family_options():
@@ -162,3 +162,16 @@ def test_method_kind_comes_from_the_method_registry():
         load_config(None, ["method.kind=lorra"])
     text = reference_markdown()
     assert all(f"| `{kind}` |" in text for kind in method_kinds())
+
+
+def test_family_option_paths_follow_the_path_rule(tmp_path):
+    """model.options keys a family declares as paths are resolved like model.path: relative to the
+    config file's folder (or the current directory on the command line), and a missing local one is refused."""
+    (tmp_path / "cfg" / "prior").mkdir(parents=True)
+    (tmp_path / "cfg" / "c.yaml").write_text("model:\n  path: owner/decoder\n  options:\n    prior: ./prior\n")
+    cfg = load_config(tmp_path / "cfg" / "c.yaml")
+    assert cfg.model.options["prior"] == str(tmp_path / "cfg" / "prior")
+    assert load_config(None, ["model.options.prior=owner/prior"]).model.options["prior"] == "owner/prior"
+    cfg = load_config(tmp_path / "cfg" / "c.yaml", ["model.options.prior=./nope", f"output_dir={tmp_path / 'out'}"])
+    with pytest.raises(ConfigError, match=r"model.options.prior: not found: .*nope"):
+        validate(cfg)

@@ -150,7 +150,7 @@ def test_no_usable_image_is_an_error(tmp_path):
     folder.mkdir()
     (folder / "a.jpg").write_bytes(b"")
     lines: list[str] = []
-    with pytest.raises(DifftuneError, match="no usable training images"):
+    with pytest.raises(DifftuneError, match="no usable images in .*all 1 image files were skipped"):
         build_items(DataConfig(concepts=[ConceptConfig(dir=str(folder))]), log=lines.append)
     assert any("a.jpg: empty" in line for line in lines)
 
@@ -266,8 +266,9 @@ def test_data_check_reports_and_exit_codes(tmp_path, tiny_sd, capsys, pixel_limi
                       f"  concepts: [{{dir: '{folder}', prompt: 'sks'}}]\n")
     assert main(["data", "check", str(config)]) == 0
     report = capsys.readouterr().out
-    assert "buckets at resolution 64 (sides multiples of 4):" in report
-    assert "  24x48: " not in report and "  44x88: 1" in report  # the rotated 1:2 image, upright
+    # the tiny SD's multiple: VAE factor 4 x UNet 2, and StableDiffusionPipeline's own 8
+    assert "buckets at resolution 64 (sides multiples of 8):" in report
+    assert "  24x48: " not in report and "  40x88: 1" in report  # the rotated 1:2 image, upright
 
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -275,6 +276,6 @@ def test_data_check_reports_and_exit_codes(tmp_path, tiny_sd, capsys, pixel_limi
     assert main(["data", "check", str(broken)]) == 2
     captured = capsys.readouterr()
     assert "skipped: " in captured.out and "x.png: html page" in captured.out
-    assert captured.err.strip() == "difftune data: error: no usable images: every file was skipped (reasons above)"
+    assert captured.err.strip() == f"difftune data: error: no usable images in {broken}: all 1 image files were skipped (reasons above)"
     assert main(["data", "check", str(tmp_path / "nowhere")]) == 2
-    assert "no such folder or config file" in capsys.readouterr().err
+    assert "no such folder, dataset file or config file" in capsys.readouterr().err

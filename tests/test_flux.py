@@ -385,7 +385,8 @@ def test_generate_is_reproducible_and_loras_change_it(tiny_flux, lora_run, tmp_p
     from safetensors.torch import save_file
 
     from difftune.export import read_file
-    from difftune.generate import generate, read_params
+    from difftune.inference.generate import generate
+    from difftune.inference.naming import read_params
 
     def make(name, loras=(), seed=3):
         (path,) = generate(str(tiny_flux), PROMPT, tmp_path / name, loras=list(loras), steps=2, width=64, height=64,
@@ -468,7 +469,7 @@ def test_shipped_flux_configs_validate(tmp_path):
     assert (style.model.path, m.kind, m.rank, m.alpha, m.dropout) == ("black-forest-labs/FLUX.1-dev", "lora", 64, 64, 0)
     assert (t.batch_size, t.grad_accum, t.lr, t.steps, t.precision, t.optimizer) == (2, 4, 1e-4, 1000, "bf16", "adamw8bit")
     assert t.gradient_checkpointing and style.checkpoint.every == 200 and d.resolution == 1024
-    assert d.concepts[0].dir == "data/stalenhag" and "sksartist style" in d.concepts[0].prompt
+    assert d.concepts[0].dir == str(ROOT / "data" / "stalenhag") and "sksartist style" in d.concepts[0].prompt
     assert style.validation.steps == 25 and style.validation.guidance == 3.5 and style.validation.prompts
     full = load_config(ROOT / "configs" / "flux-dev-full.yaml")
     validate(full, resolution_multiple=16, check_paths=False)

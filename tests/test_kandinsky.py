@@ -22,7 +22,8 @@ from conftest import base_overrides, make_images
 from difftune import DifftuneError
 from difftune.config import load_config, validate
 from difftune.families.base import unwrap
-from difftune.generate import generate, read_params
+from difftune.inference.generate import generate
+from difftune.inference.naming import read_params
 from difftune.train import read_losses, train
 
 PROMPT = "a photo of sks disc"
@@ -210,7 +211,7 @@ def test_decoder_lora_loads_with_load_lora_adapter_and_changes_images(decoder_lo
 
 def test_decoder_validation_samples_come_from_prior_and_decoder(decoder_lora):
     out, _ = decoder_lora
-    (sample,) = (out / "samples" / "step-000003").glob("*.png")
+    (sample,) = (out / "samples" / "step-00000003").glob("*.png")
     assert Image.open(sample).size == (64, 64)
     assert read_params(sample)["prompt"] == "cute dragon creature"
 
@@ -296,7 +297,7 @@ def test_prior_lora_loads_with_load_lora_adapter_and_changes_embeddings(prior_lo
     (config,) = pipe.prior.peft_config.values()
     assert config.r == 4 and config.lora_alpha == 8
     assert (prior_embeds(pipe) - base).abs().max() > 1e-4
-    assert (out / "samples" / "step-000003" / "00-00.png").is_file(), "validation images via model.options.decoder"
+    assert (out / "samples" / "step-00000003" / "00-00.png").is_file(), "validation images via model.options.decoder"
 
 
 # ---- full fine-tunes ---------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from conftest import base_overrides, make_images
 from difftune.config import load_config
 from difftune.families.base import unwrap
-from difftune.generate import generate, read_params
+from difftune.inference.generate import generate
+from difftune.inference.naming import read_params
 from difftune.train import read_losses, train
 
 PROMPT = "a photo of sks disc"
@@ -183,7 +184,7 @@ def test_validation_samples_written(tmp_path, tiny_sd):
     out = train(load_config(None, base_overrides(tiny_sd, data, tmp_path / "out", steps=2, **{
         "validation.prompts": "[a red disc, a blue disc]", "validation.every": 1, "validation.steps": 2})), log=quiet)
     for step in (1, 2):
-        files = sorted((out / "samples" / f"step-{step:06d}").glob("*.png"))
+        files = sorted((out / "samples" / f"step-{step:08d}").glob("*.png"))
         assert len(files) == 2
         assert read_params(files[1])["prompt"] == "a blue disc"
 
@@ -257,8 +258,8 @@ def test_contract_config_through_the_cli(tmp_path, foreign_sd, kind):
                "--width", "64", "--height", "64", "--out", str(tmp_path / "base"))
     from PIL import Image
 
-    a = np.asarray(Image.open(tmp_path / "gen" / "000-seed0.png"), dtype=np.float32)
-    b = np.asarray(Image.open(tmp_path / "base" / "000-seed0.png"), dtype=np.float32)
+    a = np.asarray(Image.open(made.stdout.split()[0]), dtype=np.float32)
+    b = np.asarray(Image.open(base.stdout.split()[0]), dtype=np.float32)
     assert base.returncode == 0 and np.abs(a - b).max() > 0, "the trained weights did not change the image"
 
 

@@ -17,7 +17,9 @@ from . import DifftuneError, __version__
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("difftune.commands:add_train_arguments:run_train:TRAIN_EXAMPLES",
               "train a LoRA or full fine-tune from a YAML config"),
-    "generate": ("difftune.generate:add_arguments:run:EXAMPLES", "generate images with a model and any LoRAs"),
+    "generate": ("difftune.inference.generate:add_arguments:run:EXAMPLES",
+                 "generate images with a model, LoRAs and ControlNets, from text, an image or an image and a mask"),
+    "merge": ("difftune.inference.merge:add_arguments:run:EXAMPLES", "fuse LoRAs into a base model: one pipeline folder"),
     "tiny": ("difftune.tiny:add_arguments:run:EXAMPLES", "write a tiny random pipeline (offline) in the diffusers layout"),
     "demo": ("difftune.demo:add_arguments:run:EXAMPLES",
              "the whole journey on a built-in tiny model, in a few minutes on a CPU"),
@@ -30,6 +32,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
                "print the config reference or check a config file"),
     "data": ("difftune.commands:add_data_arguments:run_data:DATA_EXAMPLES",
              "check training data: counts, sizes, aspect ratios, captions and problems per file"),
+    "sweep": ("difftune.sweeps.runner:add_arguments:run:EXAMPLES",
+              "train every combination of --grid values as its own run, resumable; then compare them"),
+    "compare": ("difftune.reports.compare:add_arguments:run:EXAMPLES",
+                "one page comparing runs or sweeps: differing keys, curves, samples side by side, scores"),
+    "report": ("difftune.reports.run_page:add_arguments:run:EXAMPLES", "rebuild report.html for run folders"),
 }
 
 
@@ -53,15 +60,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_libraries() -> None:
-    """difftune shows its own progress and one-line errors: keep the libraries' logs to errors.
+    """difftune shows its own progress and one-line errors: keep the libraries' logs to errors and
+    their progress bars ("Loading weights", downloads) off, unless the command got ``--verbose``.
 
-    Set before they are imported (they read these at import); a user's own setting wins.
+    Set before they are imported (they read these at import); a user's own setting wins. diffusers
+    has no variable for its bars: `progress.quiet_diffusers_bars` turns them off once it is imported.
     """
     import os
+    import warnings
 
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("DIFFTUNE_QUIET_LIBRARIES", "1")
+    # deprecation and advisory warnings from the libraries are for their callers, not for users
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(diffusers|transformers|accelerate|peft|torch|huggingface_hub)\b")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,15 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    _quiet_libraries()
+    if not getattr(args, "verbose", False):
+        _quiet_libraries()
     runner = getattr(importlib.import_module(args._module), args._runner)
     try:
         return int(runner(args) or 0)
     except DifftuneError as e:
         print(f"difftune {args.command}: error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
-    except KeyboardInterrupt:
-        print(f"difftune {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"difftune {args.command}: {e or 'interrupted'}", file=sys.stderr)
         return 130
 
 

@@ -8,30 +8,43 @@ from .data.check import EXAMPLES as DATA_EXAMPLES  # noqa: F401 (the `data` comm
 from .data.check import add_arguments as add_data_arguments  # noqa: F401
 
 TRAIN_EXAMPLES = """examples:
-  difftune train configs/sd15-lora.yaml
-  difftune train configs/sd15-lora.yaml train.lr=5e-5 train.steps=2000 output_dir=runs/dog-v2
-  accelerate launch -m difftune train configs/flux-dev-lora.yaml        # several GPUs
+  difftune train configs/sd15-dreambooth-lora.yaml
+  difftune train configs/sd15-dreambooth-lora.yaml train.lr=5e-5 train.steps=2000 output_dir=runs/dog-v2
+  difftune train configs/sd15-dreambooth-lora.yaml --quiet > train.log     # errors only
+  accelerate launch -m difftune train configs/flux-dev-lora-style.yaml     # several GPUs
 
-A rerun with the same output_dir continues from its newest complete checkpoint.
-Exit codes: 0 done, 2 bad input, 75 stopped by SIGTERM/SIGINT after saving a checkpoint.
+Paths: relative paths in the config file are relative to the file's folder; in key=value overrides,
+to the current directory. A rerun with the same output_dir continues from its newest complete
+checkpoint; a second run on an output_dir in use is refused. On a terminal progress is a bar; in a
+log file or pipe, one line every train.log_every steps (step N/M, loss, lr, s/step, ETA).
+Exit codes: 0 done, 2 bad input, 75 stopped by SIGTERM/SIGINT after saving a checkpoint,
+130 stopped at once by a second Ctrl-C (the last checkpoint is intact).
 """
 
 CONFIG_EXAMPLES = """examples:
   difftune config reference            # every key, type, default and meaning (Markdown)
-  difftune config check configs/sd15-lora.yaml model.path=runs/tiny-sd
+  difftune config check configs/sd15-dreambooth-lora.yaml model.path=runs/tiny-sd
+
+`config check` runs every check `difftune train` runs before loading a model (keys, paths, the
+model's resolution multiple, the training images, the resume point), so `ok` means train starts.
 """
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config file")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="override config values")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also show the libraries' own logs and progress bars (diffusers, transformers, hub)")
 
 
 def run_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .train import train
 
-    train(load_config(args.config, args.overrides))
+    quiet = args.quiet
+    train(load_config(args.config, args.overrides), log=(lambda *_: None) if quiet else print,
+          progress="off" if quiet else "auto")
     return 0
 
 
@@ -43,16 +56,18 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_config(args: argparse.Namespace) -> int:
     from . import DifftuneError
-    from .config import load_config, reference_markdown, validate
+    from .config import load_config, reference_markdown
 
     if args.action == "reference":
         print(reference_markdown())
         return 0
     if not args.config:
         raise DifftuneError("config check needs a config file")
-    cfg = load_config(args.config, args.overrides)
-    validate(cfg, resolution_multiple=local_resolution_multiple(cfg.model))
-    print(f"{args.config}: ok")
+    from .preflight import check_run
+
+    checked = check_run(load_config(args.config, args.overrides), log=print)
+    print(f"{args.config}: ok ({checked.family.name}, {len(checked.items)} training images, "
+          f"resolution multiple {checked.multiple})")
     return 0
 
 
@@ -64,7 +79,7 @@ def local_resolution_multiple(model) -> int | None:
         return None
     from .families.registry import resolve_family
 
-    return resolve_family(model.path, model.family).resolution_multiple(model.path)
+    return resolve_family(model.path, model.family, model.revision).resolution_multiple(model.path, model.revision)
 
 
 def run_data(args: argparse.Namespace) -> int:

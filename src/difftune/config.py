@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,10 +28,18 @@ class ConfigError(DifftuneError):
 
 
 def _f(default: Any = dataclasses.MISSING, doc: str = "", factory: Any = dataclasses.MISSING,
-       resume_locked: bool = False):
-    """A dataclass field with a docstring kept in its metadata. `resume_locked`: a run may not resume
-    with another value (used by family options; the core sections list theirs in train.RESUME_LOCKED)."""
+       resume_locked: bool = False, path: str | None = None):
+    """A dataclass field with a docstring kept in its metadata.
+
+    `resume_locked`: a run may not resume with another value (used by family options; the core sections
+    list theirs in train.RESUME_LOCKED). `path` marks fields that hold paths (see `resolve_path`):
+    ``"local"`` for files and folders, ``"local_or_hub"`` for values that may also be a Hugging Face hub
+    id, ``"resume"`` for `checkpoint.resume` (a path unless `auto` / `never`), ``"options"`` for
+    ``model.options`` (each key by the family option field of that name).
+    """
     metadata = {"doc": doc, "resume_locked": resume_locked}
+    if path:
+        metadata["path"] = path
     if factory is not dataclasses.MISSING:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -44,7 +53,8 @@ doc_field = _f
 class ModelConfig:
     """Which base model to fine-tune."""
 
-    path: str = _f("", "Hub id (e.g. `black-forest-labs/FLUX.1-dev`) or a local diffusers pipeline folder.")
+    path: str = _f("", "Hub id (e.g. `black-forest-labs/FLUX.1-dev`) or a local diffusers pipeline folder.",
+                   path="local_or_hub")
     family: str = _f(
         "auto", "`auto` reads `model_index.json`; or a family name (`difftune train --help` lists them)."
     )
@@ -54,6 +64,7 @@ class ModelConfig:
         factory=dict,
         doc="The family's own options (`model.options.KEY`); each family's keys are listed below under "
         "**model.options (FAMILY)**. An unknown key is an error.",
+        path="options",
     )
 
 
@@ -74,7 +85,8 @@ class MethodConfig:
         False, "Also train the text encoder(s): LoRA on their attention with `lora`, all weights with `full`."
     )
     init_lora: Optional[str] = _f(
-        None, "Start from an existing LoRA (a folder or .safetensors file); rank and targets must match."
+        None, "Start from an existing LoRA (a folder or .safetensors file); rank and targets must match.",
+        path="local",
     )
 
     def __post_init__(self):
@@ -91,10 +103,12 @@ class ConceptConfig:
     """One source of training images. Several concepts are mixed in one run."""
 
     dir: Optional[str] = _f(
-        None, "Image folder. Captions: a sidecar `NAME.txt`, or `metadata.jsonl` / `metadata.csv` (file_name, text)."
+        None, "Image folder. Captions: a sidecar `NAME.txt`, or `metadata.jsonl` / `metadata.csv` (file_name, text).",
+        path="local",
     )
     hf: Optional[str] = _f(
-        None, "A Hugging Face dataset: hub id, or a local parquet/arrow file or folder (instead of `dir`)."
+        None, "A Hugging Face dataset: hub id, or a local parquet/arrow file or folder (instead of `dir`).",
+        path="local_or_hub",
     )
     split: str = _f("train", "Dataset split (with `hf`).")
     image_column: str = _f("image", "Image column (with `hf`).")
@@ -119,7 +133,7 @@ class DataConfig:
         False, "Aspect-ratio buckets: keep each image's shape within resolution² pixels instead of a square crop."
     )
     cache: bool = _f(True, "Cache VAE latents and text embeddings on disk (when their encoders are frozen).")
-    cache_dir: Optional[str] = _f(None, "Where caches live; default `OUTPUT_DIR/cache`.")
+    cache_dir: Optional[str] = _f(None, "Where caches live; default `OUTPUT_DIR/cache`.", path="local")
 
 
 @dataclass
@@ -169,7 +183,12 @@ class TrainConfig:
     weight_decay: float = _f(1.0e-2, "AdamW weight decay.")
     max_grad_norm: Optional[float] = _f(1.0, "Clip gradients to this global norm; empty = no clipping.")
     max_nonfinite_steps: int = _f(5, "Stop after this many optimizer steps in a row with a non-finite loss.")
-    log_every: int = _f(10, "Write loss, lr and grad norm to tensorboard every N steps.")
+    log_every: int = _f(10, "Write loss, lr and grad norm to the trackers every N steps.")
+    report_to: list[Literal["tensorboard", "wandb"]] = _f(
+        factory=lambda: ["tensorboard"],
+        doc="Trackers that get the logged numbers, through accelerate: `tensorboard` (in `OUTPUT_DIR/logs`), "
+        "`wandb` (`pip install difftune[wandb]`; `WANDB_MODE=offline` keeps it local), both, or `[]`.",
+    )
 
 
 @dataclass
@@ -179,16 +198,30 @@ class CheckpointConfig:
     every: int = _f(200, "Save a checkpoint every N optimizer steps (0 = only at the end).")
     keep: int = _f(3, "Keep the newest N complete checkpoints (at least 1).")
     resume: str = _f(
-        "auto", "`auto`: continue from the newest complete checkpoint in output_dir; `never`; or a checkpoint path."
+        "auto", "`auto`: continue from the newest complete checkpoint in output_dir; `never`; or a checkpoint path.",
+        path="resume",
     )
 
 
 @dataclass
 class ValidationConfig:
-    """Sample images during training."""
+    """Sample images and validation loss during training."""
 
-    prompts: list[str] = _f(factory=list, doc="Prompts to sample; none = no samples.")
-    every: int = _f(0, "Sample every N steps (0 = only at the end).")
+    prompts: list[str] = _f(
+        factory=list, doc="Prompts to sample (at step 0, every `every` steps and at the end); none = no samples."
+    )
+    every: int = _f(0, "Sample and score the validation loss every N steps (0 = only at the start and the end).")
+    images: Optional[str] = _f(
+        None,
+        "Validation loss on this image folder (captions as in a concept; images without one use the first "
+        "concept's prompt and template).", path="local",
+    )
+    holdout: float = _f(
+        0.0, "Validation loss on this fraction of the training images, kept out of training (e.g. `0.1`)."
+    )
+    loss_draws: int = _f(
+        4, "Noise draws (timestep and noise) per validation image; the same at every evaluation, from `seed`."
+    )
     steps: int = _f(25, "Inference steps per sample.")
     guidance: Optional[float] = _f(None, "Guidance scale; default the family's.")
     seed: int = _f(0, "Seed for the samples, so runs compare image for image.")
@@ -235,7 +268,8 @@ class Config:
     checkpoint: CheckpointConfig = _f(factory=CheckpointConfig, doc="Checkpoints and resume.")
     validation: ValidationConfig = _f(factory=ValidationConfig, doc="Samples during training.")
     speed: SpeedConfig = _f(factory=SpeedConfig, doc="Speed and memory switches.")
-    output_dir: str = _f("", "Where everything lands: weights, checkpoints, samples, logs, the resolved config.")
+    output_dir: str = _f("", "Where everything lands: weights, checkpoints, samples, logs, the resolved config.",
+                         path="local")
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,6 +405,98 @@ def to_dict(cfg: Any) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# Paths: one rule. A relative path written in a config file is relative to the folder of that file;
+# one given on the command line (`key=value`) is relative to the current directory. Local paths are
+# made absolute when the config is loaded, so `config.yaml` in output_dir means the same files from
+# anywhere. A value that may be a hub id stays one unless it exists locally or *looks* local.
+
+#: file endings that mark a path, never a hub id
+LOCAL_SUFFIXES = (".safetensors", ".parquet", ".arrow", ".json", ".jsonl", ".csv", ".yaml", ".yml", ".bin", ".pt")
+PATH_RULE = "relative paths in a config file are relative to its folder; on the command line, to the current directory"
+
+
+def looks_local(value: str, base: Path | None = None) -> bool:
+    """Whether `value` is meant as a local path rather than a hub id (``owner/name``).
+
+    Local: starts with ``/``, ``.`` or ``~``; has a backslash, no ``/`` or more than one; ends in a
+    file ending (`LOCAL_SUFFIXES`); or its first component is an existing folder (``runs/nope`` when
+    ``runs/`` exists). Such a value that does not exist is refused at once, never sent to the hub.
+    """
+    if value.startswith(("/", ".", "~")) or "\\" in value or value.count("/") != 1:
+        return True
+    if value.lower().endswith(LOCAL_SUFFIXES):
+        return True
+    return ((base or Path.cwd()) / value.split("/", 1)[0]).is_dir()
+
+
+def resolve_path(value: Any, kind: str, base: Path) -> Any:
+    """A path field's value with relative local paths made absolute against `base` (see `PATH_RULE`)."""
+    if not isinstance(value, str) or not value or (kind == "resume" and value in ("auto", "never")):
+        return value
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return str(p)
+    if kind == "local_or_hub" and not (base / p).exists() and not looks_local(value, base):
+        return value  # a hub id
+    return os.path.normpath(os.path.abspath(base / p))
+
+
+def option_path_kinds() -> dict[str, str]:
+    """``model.options`` key -> its path kind, for the keys some family's options declare as paths
+    (the family is not known when a config is read, so the keys of all families count)."""
+    from .families.registry import folder_module, folders
+
+    kinds: dict[str, str] = {}
+    for folder in folders():
+        module = folder_module(folder, "options")
+        for obj in vars(module).values() if module else ():
+            if isinstance(obj, type) and dataclasses.is_dataclass(obj):
+                kinds.update({f.name: f.metadata["path"] for f in dataclasses.fields(obj) if f.metadata.get("path")})
+    return kinds
+
+
+def _resolve_paths(value: Any, tp: Any, kind: str | None, base: Path) -> Any:
+    """Apply `resolve_path` to every path field in the plain data `value` of schema type `tp`."""
+    if kind == "options":
+        if not isinstance(value, dict):
+            return value
+        kinds = option_path_kinds()
+        return {k: resolve_path(v, kinds[k], base) if k in kinds else v for k, v in value.items()}
+    if kind:
+        return resolve_path(value, kind, base)
+    if typing.get_origin(tp) is list and isinstance(value, list):
+        (item,) = typing.get_args(tp)
+        return [_resolve_paths(v, item, None, base) for v in value]
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        fields = {f.name: f for f in dataclasses.fields(tp)}
+        hints = _hints(tp)
+        return {k: _resolve_paths(v, hints[k], fields[k].metadata.get("path"), base) if k in fields else v
+                for k, v in value.items()}
+    return value
+
+
+def _schema_at(path: list[str]) -> tuple[Any, str | None]:
+    """(type, path kind) of the config entry at `path` (list indices allowed), for an override's value."""
+    tp: Any = Config
+    kind = None
+    for part in path:
+        if kind == "options":  # model.options.KEY: the path kind some family gives KEY
+            return None, option_path_kinds().get(part)
+        if typing.get_origin(tp) is list:
+            (tp,) = typing.get_args(tp)
+            kind = None
+            continue
+        if not dataclasses.is_dataclass(tp):
+            return None, None
+        fields = {f.name: f for f in dataclasses.fields(tp)}
+        if part not in fields:
+            return None, None
+        kind = fields[part].metadata.get("path")
+        tp = _hints(tp)[part]
+    return tp, kind
+
+
+# --------------------------------------------------------------------------------------------
 # Overrides, loading, validation
 
 
@@ -437,11 +563,15 @@ def apply_override(data: dict, path: list[str], value: Any) -> None:
         cls = tp
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML config, apply `key.path=value` overrides, check types. Does not touch models or data."""
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                base: dict | None = None) -> Config:
+    """Read a YAML config, apply `key.path=value` overrides, check types. Does not touch models or data.
+
+    Paths follow `PATH_RULE`. `base`: plain config data to start from when there is no file (its
+    paths are relative to the current directory, like overrides)."""
     import yaml
 
-    data: dict = {}
+    data: dict = _resolve_paths(dict(base or {}), Config, None, Path.cwd())
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -456,10 +586,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
-        data = loaded
+        data = _resolve_paths(loaded, Config, None, p.parent)
     for text in overrides:
         keys, value = parse_override(text)
-        apply_override(data, keys, value)
+        tp, kind = _schema_at(keys)
+        apply_override(data, keys, _resolve_paths(value, tp, kind, Path.cwd()))
     return _build(Config, data)
 
 
@@ -472,7 +603,14 @@ def validate(cfg: Config, *, resolution_multiple: int | None = None, check_paths
     """Cross-field checks that need no model. `resolution_multiple` comes from the family."""
     problems: list[str] = []
     if not cfg.model.path:
-        problems.append("model.path is required (a hub id or a local diffusers folder)")
+        problems.append("model.path is required (a hub id or a local diffusers pipeline folder)")
+    if check_paths:
+        option_paths = option_path_kinds()
+        for key, value in (("model.path", cfg.model.path), ("method.init_lora", cfg.method.init_lora),
+                           *((f"model.options.{k}", v) for k, v in cfg.model.options.items()
+                             if k in option_paths and isinstance(v, str))):
+            if value and looks_local(value) and not Path(value).exists():
+                problems.append(f"{key}: not found: {value} ({PATH_RULE})")
     if not cfg.output_dir:
         problems.append("output_dir is required")
     m, t, d, c = cfg.method, cfg.train, cfg.data, cfg.checkpoint
@@ -490,6 +628,25 @@ def validate(cfg: Config, *, resolution_multiple: int | None = None, check_paths
         problems.append(f"checkpoint.keep must be >= 1, got {c.keep}")
     if c.every < 0:
         problems.append(f"checkpoint.every must be >= 0, got {c.every}")
+    problems += data_problems(d, resolution_multiple=resolution_multiple, check_paths=check_paths)
+    v = cfg.validation
+    if v.every < 0:
+        problems.append(f"validation.every must be >= 0, got {v.every}")
+    if not 0.0 <= v.holdout < 1.0:
+        problems.append(f"validation.holdout must be in [0, 1), got {v.holdout}")
+    if v.images and v.holdout:
+        problems.append("set validation.images or validation.holdout, not both")
+    if v.images and check_paths and not Path(v.images).is_dir():
+        problems.append(f"validation.images: folder not found: {v.images} ({PATH_RULE})")
+    if v.loss_draws < 1:
+        problems.append(f"validation.loss_draws must be >= 1, got {v.loss_draws}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def data_problems(d: DataConfig, *, resolution_multiple: int | None = None, check_paths: bool = True) -> list[str]:
+    """The checks of the `data` section alone (also run by `difftune data check` on a folder)."""
+    problems: list[str] = []
     if d.resolution <= 0:
         problems.append(f"data.resolution must be > 0, got {d.resolution}")
     elif resolution_multiple and d.resolution % resolution_multiple:
@@ -504,17 +661,16 @@ def validate(cfg: Config, *, resolution_multiple: int | None = None, check_paths
         if bool(concept.dir) == bool(concept.hf):
             problems.append(f"{key} needs exactly one of `dir` or `hf`")
         elif concept.dir and check_paths and not Path(concept.dir).is_dir():
-            problems.append(f"{key}.dir: folder not found: {concept.dir}")
+            problems.append(f"{key}.dir: folder not found: {concept.dir} ({PATH_RULE})")
+        elif concept.hf and check_paths and looks_local(concept.hf) and not Path(concept.hf).exists():
+            problems.append(f"{key}.hf: not found: {concept.hf} ({PATH_RULE})")
         if concept.repeats < 1:
             problems.append(f"{key}.repeats must be >= 1, got {concept.repeats}")
         if not 0.0 <= concept.caption_dropout <= 1.0:
             problems.append(f"{key}.caption_dropout must be in [0, 1], got {concept.caption_dropout}")
         if "{caption}" not in concept.caption_template:
             problems.append(f"{key}.caption_template must contain {{caption}}, got {concept.caption_template!r}")
-    if cfg.validation.every < 0:
-        problems.append(f"validation.every must be >= 0, got {cfg.validation.every}")
-    if problems:
-        raise ConfigError("; ".join(problems))
+    return problems
 
 
 def reference_markdown() -> str:

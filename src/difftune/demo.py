@@ -87,7 +87,7 @@ def _mean_abs_difference(a: Path, b: Path) -> float:
 def run_demo(out: Path, steps: int = 150) -> dict:
     """Run the demo into `out`; returns the paths and figures it printed."""
     from .config import load_config
-    from .generate import generate
+    from .inference.generate import generate
     from .tiny import make_tiny, tiny_resolution
     from .train import read_losses, train
 

@@ -153,7 +153,10 @@ def _common(values: list) -> Any:
     return Counter(values).most_common(1)[0][0]
 
 
-def write_kohya(loras: dict[str, LoraWeights], out: Path) -> None:
+def write_kohya(loras: dict[str, LoraWeights], out: Path, trained: list[LoraWeights] | None = None) -> None:
+    """Write a kohya file. ``ss_network_dim`` / ``ss_network_alpha`` (what UIs show as the LoRA's
+    rank and alpha) are the most common ones of the `trained` per-module LoRAs when given: a fused
+    layer (FLUX's ``qkv``) stacks three rank-r LoRAs into one of rank 3r, which is no rank anyone trained."""
     import torch
     from safetensors.torch import save_file
 
@@ -164,8 +167,8 @@ def write_kohya(loras: dict[str, LoraWeights], out: Path) -> None:
         tensors[f"{name}.alpha"] = torch.tensor(float(w.alpha))
     metadata = {
         "ss_network_module": "networks.lora",
-        "ss_network_dim": str(_common([w.rank for w in loras.values()])),
-        "ss_network_alpha": str(_common([w.alpha for w in loras.values()])),
+        "ss_network_dim": str(_common([w.rank for w in (trained or loras.values())])),
+        "ss_network_alpha": str(_common([w.alpha for w in (trained or loras.values())])),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out), metadata=metadata)
@@ -240,7 +243,8 @@ def export_lora(src: str | Path, fmt: str, out: str | Path, family: str = "auto"
             raise DifftuneError(f"{file} is already in the kohya layout")
         if out.suffix != ".safetensors":
             raise DifftuneError(f"--out must be a .safetensors file for --format kohya, got {out}")
-        write_kohya(to_kohya(read_diffusers(tensors, header, file), layout), out)
+        source = read_diffusers(tensors, header, file)
+        write_kohya(to_kohya(source, layout), out, trained=list(source.values()))
         return out
     if not is_kohya(tensors):
         raise DifftuneError(f"{file} is not in the kohya layout (no .lora_down.weight keys); nothing to convert")

@@ -23,6 +23,25 @@ def _loss_summary(losses: list[dict]) -> str:
             f"{last:.4f} over the last {window} (change {100 * (last - first) / first:+.1f}%)")
 
 
+def family_of(cfg: dict, facts: dict | None = None):
+    """The Family class of a run (from the facts the run passed, else its config)."""
+    from .families.registry import get_family, resolve_family
+
+    name = (facts or {}).get("family") or cfg["model"].get("family") or "auto"
+    if name != "auto":
+        return get_family(name)
+    return resolve_family(cfg["model"]["path"], "auto", cfg["model"].get("revision"))
+
+
+def usage(output_dir: str | Path):
+    """The family's `Usage` (generate command, Python script) for a finished run's output folder."""
+    import yaml
+
+    layout = RunLayout(output_dir)
+    cfg = yaml.safe_load(layout.config.read_text())
+    return family_of(cfg).usage(layout.root, cfg)
+
+
 def write_report(output_dir: str | Path, facts: dict | None = None) -> Path:
     """Write ``report.md`` in `output_dir`; `facts` adds figures only the run knew (timings, counts)."""
     import yaml
@@ -34,22 +53,24 @@ def write_report(output_dir: str | Path, facts: dict | None = None) -> Path:
     losses = [json.loads(line) for line in losses_path.read_text().splitlines() if line.strip()] if losses_path.exists() else []
     facts = facts or {}
     model, method = cfg["model"], cfg["method"]
+    family = family_of(cfg, facts)
     lines = [f"# difftune run: {out.name}", ""]
-    lines += [f"- model: `{model['path']}` (family `{facts.get('family', model['family'])}`)",
-              f"- method: {facts.get('method', method['kind'])}",
-              f"- training: {_loss_summary(losses)}"]
+    lines += [f"- model: `{model['path']}` (family `{family.name}`)",
+              f"- method: {facts.get('method', method['kind'])}"]
+    if method.get("init_lora"):
+        lines.append(f"- started from LoRA: `{method['init_lora']}`")
+    lines.append(f"- training: {_loss_summary(losses)}")
+    timed = [r["seconds"] for r in losses if "seconds" in r]
+    if timed:  # per-step durations in the log: they cover every resumed part of the run
+        facts = {**facts, "total_seconds": sum(timed), "seconds_per_step": sum(timed) / len(timed)}
     for key, label in (("images", "training images"), ("trainable_parameters", "trainable parameters"),
-                       ("seconds_per_step", "seconds per step"), ("total_seconds", "training time (s)")):
+                       ("seconds_per_step", "seconds per step"), ("total_seconds", "training time, all sessions (s)")):
         if key in facts:
             value = facts[key]
             lines.append(f"- {label}: {value:,}" if isinstance(value, int) else f"- {label}: {value:.3f}")
-    lines += ["", "## Use it", ""]
-    if layout.lora.exists():
-        lines += ["```bash", f"difftune generate --model {model['path']} --lora {out} --prompt \"...\" --out out/",
-                  "```", "", "In Python: `pipe.load_lora_weights(\"" + str(out) + "\")` on the base pipeline."]
-    else:
-        lines += ["```bash", f"difftune generate --model {out} --prompt \"...\" --out out/", "```", "",
-                  "In Python: `DiffusionPipeline.from_pretrained(\"" + str(out) + "\")`."]
+    usage = family.usage(out, cfg)
+    lines += ["", "## Use it", "", "```bash", usage.command, "```", "", "In Python:", "", "```python",
+              usage.python.rstrip("\n"), "```"]
     samples = sorted(layout.samples.glob("step-*/*.png")) if layout.samples.exists() else []
     if samples:
         lines += ["", "## Samples", ""]

@@ -49,8 +49,8 @@ class RunLayout:
         return self.root / "samples"
 
     def samples_at(self, step: int) -> Path:
-        """Validation images of one training step."""
-        return self.samples / f"step-{step:06d}"
+        """Validation images of one training step (numbered as checkpoints are)."""
+        return self.samples / f"step-{step:08d}"
 
     @property
     def cache(self) -> Path:

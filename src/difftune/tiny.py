@@ -24,7 +24,12 @@ EXAMPLES = """examples:
   difftune tiny sd runs/tiny-sd
   difftune tiny flux runs/tiny-flux --seed 1
   difftune tiny kandinsky22 runs/tiny-k22      # writes runs/tiny-k22/prior and runs/tiny-k22/decoder
+  difftune tiny controlnet-sd runs/tiny-cn-sd  # a ControlNet that fits `difftune tiny sd` pipelines
+  difftune tiny controlnet-flux runs/tiny-cn-flux
 """
+
+#: the names of tiny ControlNets: ``controlnet-`` + the family folder whose tiny module has ``controlnet()``
+CONTROLNET_PREFIX = "controlnet-"
 
 
 def tiny_module(name: str) -> Any:
@@ -90,15 +95,58 @@ def _write(module: Any, out_dir: Path, seed: int, knobs: dict) -> str:
         return module.write(out_dir, **knobs)
 
 
+def tiny_controlnets() -> list[str]:
+    """Names `make_tiny_controlnet` can build: ``controlnet-FOLDER`` for the folders whose tiny module
+    has a ``controlnet()`` builder."""
+    return [CONTROLNET_PREFIX + name for name in tiny_families() if hasattr(tiny_module(name), "controlnet")]
+
+
+def _wake_zero_layers(model: Any, std: float = 0.3) -> None:
+    """Draw every all-zero weight matrix of `model` at random. ControlNets start with zero output layers
+    (so an untrained one changes nothing); a test ControlNet must change the image, as a trained one does."""
+    import torch
+
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1 and not param.any():
+                param.normal_(0.0, std)
+
+
+def make_tiny_controlnet(name: str, out_dir: str | Path, seed: int = 0) -> Path:
+    """Write the tiny random ControlNet `name` (``controlnet-sd``, ``controlnet-flux``) to `out_dir`.
+
+    It fits the pipelines `make_tiny` writes for that folder (any seed), loads with the family's
+    ControlNet class ``from_pretrained(out_dir)``, and its zero-initialised output layers are drawn at
+    random (`_wake_zero_layers`) so that it changes the image.
+    """
+    import torch
+
+    if name not in tiny_controlnets():
+        raise DifftuneError(f"unknown tiny ControlNet {name!r}; choose one of {', '.join(tiny_controlnets())}")
+    out_dir = Path(out_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = tiny_module(name.removeprefix(CONTROLNET_PREFIX)).controlnet()
+        _wake_zero_layers(model)
+        model.save_pretrained(out_dir)
+    return out_dir
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the arguments of ``difftune tiny FAMILY OUT_DIR [--seed N]`` to `parser`."""
-    parser.add_argument("family", choices=tiny_families(), help="model family to build")
+    parser.add_argument("family", choices=[*tiny_families(), *tiny_controlnets()],
+                        help="model family (or tiny ControlNet) to build")
     parser.add_argument("out_dir", type=Path, help="folder to write the pipeline(s) to")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``difftune tiny``: build the tiny pipeline(s), print where they went, return exit code 0."""
+    if args.family.startswith(CONTROLNET_PREFIX):
+        out_dir = make_tiny_controlnet(args.family, args.out_dir, seed=args.seed)
+        print(f"wrote tiny {args.family} to {out_dir} (for `difftune tiny {args.family.removeprefix(CONTROLNET_PREFIX)}`"
+              " pipelines)")
+        return 0
     module = tiny_module(args.family)
     print(_write(module, Path(args.out_dir), args.seed, dict(module.KNOBS)))
     resolution = module.RESOLUTION

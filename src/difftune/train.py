@@ -22,10 +22,15 @@ import time
 from pathlib import Path
 from . import DifftuneError
 from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
-from .config import Config, config_from_dict, to_dict, validate
+from .config import Config, config_from_dict, to_dict
+from .data.dataset import prompt_for
 from .methods import get_method
+from .progress import TrainProgress, quiet_diffusers_bars
+from .reports import logs
+from .reports.run_page import refresh_run_report, write_run_facts
 from .run_layout import RunLayout
 from .util.atomic import atomic_write_text
+from .validation import ValidationLoss, validation_items
 
 #: exit code of a run stopped by SIGTERM / SIGINT after saving a checkpoint ("try again later")
 EXIT_INTERRUPTED = 75
@@ -177,7 +182,10 @@ class _StopFlag:
 
     def _handle(self, signum, frame):
         if self.signal is not None and signum == signal.SIGINT:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt(
+                "stopped at once by a second Ctrl-C: the steps since the last checkpoint are lost, the "
+                "checkpoints are intact; run the same command again to continue"
+            )
         self.signal = signum
 
     def __exit__(self, *exc):
@@ -188,31 +196,45 @@ class _StopFlag:
 # -----------------------------------------------------------------------------------------------
 
 
-def train(cfg: Config, log=print) -> Path:
-    """Run training as configured; returns the output folder. Raises DifftuneError on bad input."""
+def train(cfg: Config, log=print, progress: str = "auto") -> Path:
+    """Run training as configured; returns the output folder. Raises DifftuneError on bad input.
+
+    Everything that needs no model (config, paths, resolution, data, resume point) is checked first,
+    before output_dir exists (preflight.py); then the run holds output_dir (lock.py) until it ends.
+    `progress`: ``auto`` (a bar on a terminal, plain lines otherwise), ``bar``, ``lines`` or ``off``.
+    """
+    import os
+
+    from .lock import claim_output_dir
+    from .preflight import check_run
+
+    # before torch is imported (bad input is refused in a second); launchers set RANK per process
+    checked = check_run(cfg, log=log if os.environ.get("RANK", "0") == "0" else (lambda *_: None))
+    from accelerate import PartialState
+
+    with claim_output_dir(cfg.output_dir, hold=PartialState().is_main_process):
+        return _train(cfg, checked, log, progress)
+
+
+def _train(cfg: Config, checked, log, progress_mode: str) -> Path:
     import torch
     from accelerate import Accelerator
     from diffusers.optimization import get_scheduler
 
     from . import speed
     from .data.cache import FeatureStore, ImageFeatures, PromptFeatures
-    from .data.dataset import TrainingData, build_items
+    from .data.dataset import TrainingData
     from .data.features import FeatureRoute
-    from .families.registry import resolve_family
+    from .preflight import check_steps
 
-    # ---- check everything that needs no model -------------------------------------------------
-    family_cls = resolve_family(cfg.model.path, cfg.model.family, cfg.model.revision)
-    multiple = family_cls.resolution_multiple(cfg.model.path, cfg.model.revision)
-    validate(cfg, resolution_multiple=multiple)
-    family_cls.options_for(cfg)  # the family's model.options, checked before anything loads
-    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
-        raise DifftuneError("train.precision=fp16 needs a CUDA GPU; use bf16 or no on this machine")
+    quiet_diffusers_bars()
+    family_cls, multiple, items = checked.family, checked.multiple, checked.items
     layout = RunLayout(cfg.output_dir)
     out = layout.root
     out.mkdir(parents=True, exist_ok=True)
 
     accelerator = Accelerator(
-        mixed_precision=cfg.train.precision, log_with="tensorboard", project_dir=str(layout.logs)
+        mixed_precision=cfg.train.precision, log_with=list(cfg.train.report_to) or None, project_dir=str(layout.logs)
     )
     main = accelerator.is_main_process
     say = log if main else (lambda *_: None)
@@ -224,8 +246,9 @@ def train(cfg: Config, log=print) -> Path:
 
         saved = config_from_dict(yaml.safe_load(resumed["config_yaml"]))
         check_resume_compatible(saved, cfg, resume_from, family_cls.options_class)
+        check_steps(cfg, resumed["state"]["step"], resume_from)
 
-    items = build_items(cfg.data, log=say)
+    items, val_items, val_concepts = validation_items(cfg, items, say)
     data = TrainingData(items, cfg.data, multiple, cfg.train.batch_size, cfg.train.seed)
     if main:
         atomic_write_text(layout.config, _dump_yaml(cfg))
@@ -271,7 +294,7 @@ def train(cfg: Config, log=print) -> Path:
     prompt_cache: dict[str, dict] = {}
     if text_frozen:
         text_side = PromptFeatures(family, FeatureStore(cache_root / "prompts", say) if cfg.data.cache else None)
-        prompt_cache = text_side.table(data.all_prompts())
+        prompt_cache = text_side.table(data.all_prompts() + [prompt_for(it, val_concepts[it.concept]) for it in val_items])
         say(f"prompt embeddings: {text_side.encoded} encoded, {text_side.loaded} read from the cache")
         family.after_prompt_cache()  # e.g. text encoders off the accelerator, or out of memory
     views = data.fixed_views()
@@ -287,19 +310,33 @@ def train(cfg: Config, log=print) -> Path:
 
     route = FeatureRoute(data, image_features, prompt_cache if text_frozen else None, family.encode_prompts)
 
+    val_loss = ValidationLoss(cfg, val_items, val_concepts, multiple,
+                              lambda d: ImageFeatures(family, d, image_store, accelerator.autocast),
+                              route.prompts) if val_items else None
+    if main:
+        write_run_facts(out, family.name, n_trainable, data, val_loss)
+
     # ---- the loop -----------------------------------------------------------------------------------
     loss_log = layout.loss_log
     if main:
         loss_log.parent.mkdir(parents=True, exist_ok=True)
         _truncate_log(loss_log, start)
-        accelerator.init_trackers("difftune")
+        _truncate_log(out / logs.VALIDATION, start)
+        accelerator.init_trackers("difftune", init_kwargs=_tracker_options(cfg))
+        sessions = logs.SessionLog(out, start)
+    if start == 0:  # step 0: the base model, before any training
+        if val_loss is not None:
+            _validate(val_loss, family, objective, part_names, accelerator, 0, say)
+        if cfg.validation.prompts:
+            _samples(family, cfg, 0, accelerator, say)
     world, rank, accum = accelerator.num_processes, accelerator.process_index, cfg.train.grad_accum
     nonfinite_run = 0
-    progress = _progress(cfg.train.steps, start, main)
+    progress = TrainProgress(cfg.train.steps, start, cfg.train.log_every, progress_mode if main else "off", say)
     step = start
     t0 = time.time()
     with _StopFlag() as stop:
         while step < cfg.train.steps:
+            t_step = time.perf_counter()
             losses, bad_paths = [], []
             for micro in range(accum):
                 k = (step * accum + micro) * world + rank
@@ -337,7 +374,8 @@ def train(cfg: Config, log=print) -> Path:
             step += 1
 
             loss_value = float(torch.stack(losses).mean())
-            record = {"step": step, "loss": loss_value, "lr": lr_used}
+            # the step's own duration: report.md sums them, so timings cover every resumed part of a run
+            record = {"step": step, "loss": loss_value, "lr": lr_used, "seconds": round(time.perf_counter() - t_step, 4)}
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
             if main:
@@ -345,22 +383,28 @@ def train(cfg: Config, log=print) -> Path:
                     fh.write(json.dumps(record) + "\n")
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                     accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}")
+                    sessions.progress(step)
+            progress.update(step, loss_value, lr_used)
 
             stopping = bool(accelerator.reduce(torch.tensor(float(stop.signal is not None), device=accelerator.device), "max"))
             # the last step is checkpointed too, so a rerun with more steps continues from it
             due = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
             if due or stopping or step == cfg.train.steps:
-                _save(family, method, part_names, cfg, step, data, optimizer, lr_scheduler, accelerator)
+                _save(family, method, part_names, cfg, step, data, optimizer, lr_scheduler, accelerator, progress.note)
+                if main:
+                    sessions.progress(step)
+                    refresh_run_report(out, progress.note)  # a half-done run has a current report too
             if stopping and step < cfg.train.steps:
                 progress.close()
                 raise Interrupted(
                     f"stopped by signal {stop.signal} after step {step}; checkpoint saved in "
                     f"{layout.checkpoints}. Run the same command again to continue."
                 )
-            if cfg.validation.prompts and cfg.validation.every and step % cfg.validation.every == 0 and step < cfg.train.steps:
-                _samples(family, cfg, step, accelerator)
+            if cfg.validation.every and step % cfg.validation.every == 0 and step < cfg.train.steps:
+                if val_loss is not None:
+                    _validate(val_loss, family, objective, part_names, accelerator, step, progress.note)
+                if cfg.validation.prompts:
+                    _samples(family, cfg, step, accelerator, progress.note)
     progress.close()
 
     # ---- outputs ----------------------------------------------------------------------------------
@@ -369,17 +413,19 @@ def train(cfg: Config, log=print) -> Path:
     if main:
         _check_finite(family, method, part_names)
         method.save(family, out, part_names)
+    if val_loss is not None:
+        _validate(val_loss, family, objective, part_names, accelerator, step, say)
     if cfg.validation.prompts:
-        _samples(family, cfg, step, accelerator)
+        _samples(family, cfg, step, accelerator, say)
     accelerator.end_training()
     if main:
         from .report import write_report
 
         facts = {"family": family.name, "method": method.describe(), "images": len(items), "trainable_parameters": n_trainable}
         if step > start:
-            facts.update(total_seconds=elapsed, seconds_per_step=elapsed / (step - start))
             say(f"trained steps {start + 1}-{step} in {elapsed:.1f}s ({elapsed / (step - start):.3f} s/step)")
         say(f"outputs in {out}; summary in {write_report(out, facts)}")
+        say(f"report: {refresh_run_report(out, say)}")
     return out
 
 
@@ -448,7 +494,7 @@ def _check_finite(family, method, part_names) -> None:
                 raise DifftuneError(f"{name} has non-finite weights; nothing was saved (the last checkpoint is intact)")
 
 
-def _save(family, method, part_names, cfg, step, data, optimizer, lr_scheduler, accelerator) -> None:
+def _save(family, method, part_names, cfg, step, data, optimizer, lr_scheduler, accelerator, note) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _check_finite(family, method, part_names)
@@ -467,7 +513,7 @@ def _save(family, method, part_names, cfg, step, data, optimizer, lr_scheduler, 
             cfg.output_dir, step, _trainable_tensors(family, method, part_names), optimizer.state_dict(),
             rng_tensors, state, _dump_yaml(cfg), cfg.checkpoint.keep,
         )
-        _progress_write(f"checkpoint {path.name} saved in {time.time() - t:.1f}s")
+        note(f"checkpoint {path.name} saved in {time.time() - t:.1f}s")
     accelerator.wait_for_everyone()
 
 
@@ -489,11 +535,28 @@ def _restore(family, method, part_names, resumed, optimizer, lr_scheduler, accel
     _set_rng_state(resumed["rng"], resumed["state"]["rng"])
 
 
-def _samples(family, cfg, step, accelerator) -> None:
+def _validate(val_loss, family, objective, part_names, accelerator, step: int, note) -> None:
+    """Score the validation loss at `step`; log it to ``validation.jsonl`` and the trackers."""
+    value = val_loss(family, objective, part_names, accelerator.autocast)
+    if accelerator.is_main_process:
+        logs.append_jsonl(Path(family.cfg.output_dir) / logs.VALIDATION, {"step": step, "val_loss": value})
+        accelerator.log({"val_loss": value}, step=step)
+        note(f"validation loss at step {step}: {value:.5f} ({len(val_loss)} images)")
+
+
+def _tracker_options(cfg: Config) -> dict:
+    """Per-tracker init options: wandb gets the run's name, its folder under logs/ and the resolved config."""
+    if "wandb" not in cfg.train.report_to:
+        return {}
+    out = Path(cfg.output_dir)
+    return {"wandb": {"name": out.name, "dir": str(out / "logs"), "config": to_dict(cfg)}}
+
+
+def _samples(family, cfg, step, accelerator, note) -> None:
     """Validation images for `cfg.validation.prompts` into ``samples/step-N/``."""
     import torch
 
-    from .generate import save_image
+    from .inference.naming import save_image
 
     if not accelerator.is_main_process:
         return
@@ -524,7 +587,7 @@ def _samples(family, cfg, step, accelerator) -> None:
             m.train()
         if not cfg.method.train_text_encoder:
             family.after_prompt_cache()  # the text encoders leave again, as after caching
-    _progress_write(f"samples for step {step} in {folder}")
+    note(f"samples for step {step} in {folder}")
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -539,18 +602,6 @@ def _truncate_log(path: Path, step: int) -> None:
         except (json.JSONDecodeError, KeyError):
             continue
     path.write_text("".join(line + "\n" for line in keep))
-
-
-def _progress(total: int, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="training", unit="step", dynamic_ncols=True)
-
-
-def _progress_write(message: str) -> None:
-    from tqdm.auto import tqdm
-
-    tqdm.write(message)
 
 
 def read_losses(output_dir: str | Path) -> list[dict]:

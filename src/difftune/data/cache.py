@@ -209,6 +209,6 @@ class ImageFeatures:
             return 0
         todo = [view for view in views[rank::world] if not self.store.has(self.key(view))]
         before = self.encoded
-        for view in tqdm(todo, desc="encoding images", unit="img", disable=not progress or not todo):
+        for view in tqdm(todo, desc="encoding images", unit="img", disable=None if progress and todo else True):  # None: a bar on a terminal only
             self.one(view)
         return self.encoded - before

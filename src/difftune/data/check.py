@@ -23,8 +23,9 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 EXAMPLES = """examples:
   difftune data check data/stalenhag                  # an image folder (sidecar .txt or metadata captions)
   difftune data check data/pokemon.parquet            # a local Hugging Face dataset file
-  difftune data check configs/sd15-lora.yaml          # every concept of a config, with its buckets
-  difftune data check configs/sd15-lora.yaml data.buckets=true data.resolution=768
+  difftune data check data/stalenhag data.resolution=768 data.buckets=true   # overrides apply to a folder too
+  difftune data check configs/sd15-dreambooth-lora.yaml    # every concept of a config, as train sees them
+  difftune data check configs/sd15-dreambooth-lora.yaml data.buckets=true data.resolution=768
 
 Exit codes: 0 when usable images remain (problems are listed), 2 when none is usable or the input is bad.
 """
@@ -49,6 +50,7 @@ class Report:
 
     lines: list[str]
     usable: int
+    skipped: int = 0
 
     @property
     def text(self) -> str:
@@ -110,29 +112,29 @@ def check(data: "DataConfig", multiple: int) -> Report:
         lines.append(f"buckets at resolution {data.resolution} (sides multiples of {multiple}):")
         lines += [f"  {w}x{h}: {counts[(w, h)]}" for w, h in buckets if (w, h) in counts]
     lines.append(f"total: {len(items)} usable images in {len(data.concepts)} concept(s), {len(skipped)} skipped")
-    return Report(lines, len(items))
+    return Report(lines, len(items), len(skipped))
 
 
 def _target(target: str, overrides: list[str], multiple_for=None) -> tuple["DataConfig", int | None]:
-    """The data section to check and the model's side multiple when known (`multiple_for(model
-    config)` tells it for a local model; the command passes the family registry's)."""
-    from ..config import ConceptConfig, DataConfig, load_config
+    """The data section to check (overrides applied, unknown keys refused) and the model's side
+    multiple when the model is a local folder (a config's, or ``model.path=DIR`` given with a folder):
+    `multiple_for(model config)` tells it (the command passes the family registry's; None without one).
+    The data is checked as `difftune train` checks it; other sections need not be complete."""
+    from ..config import ConfigError, data_problems, load_config
     from .hf import FILE_BUILDERS
 
     path = Path(target)
-    if path.is_dir():
-        return DataConfig(concepts=[ConceptConfig(dir=target)]), None
-    if path.is_file() and path.suffix.lower() in FILE_BUILDERS:
-        return DataConfig(concepts=[ConceptConfig(hf=target)]), None
-    if not path.is_file():
-        raise DifftuneError(f"{target}: no such folder or config file")
-    cfg = load_config(path, overrides)
-    if not cfg.data.concepts:
-        raise DifftuneError(f"{target}: data.concepts is empty")
-    for i, concept in enumerate(cfg.data.concepts):
-        if bool(concept.dir) == bool(concept.hf):
-            raise DifftuneError(f"{target}: data.concepts[{i}] needs exactly one of `dir` or `hf`")
+    if path.is_dir() or (path.is_file() and path.suffix.lower() in FILE_BUILDERS):
+        source = "dir" if path.is_dir() else "hf"
+        cfg = load_config(None, overrides, base={"data": {"concepts": [{source: target}]}})
+    elif path.is_file():
+        cfg = load_config(path, overrides)
+    else:
+        raise DifftuneError(f"{target}: no such folder, dataset file or config file")
     multiple = multiple_for(cfg.model) if multiple_for else None
+    problems = data_problems(cfg.data, resolution_multiple=multiple)
+    if problems:
+        raise ConfigError("; ".join(problems))
     return cfg.data, multiple
 
 
@@ -144,6 +146,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="override config values")
 
 
+def no_images_message(data: "DataConfig", skipped: int) -> str:
+    """Why training would have nothing to learn from: no image files at all, or only broken ones."""
+    from .images import IMAGE_EXTENSIONS
+
+    where = ", ".join(c.dir or c.hf or "?" for c in data.concepts)
+    if not skipped:
+        return f"no images found in {where} (looked for {' '.join(sorted(IMAGE_EXTENSIONS))}, in subfolders too)"
+    return f"no usable images in {where}: all {skipped} image files were skipped (reasons above)"
+
+
 def run(args: argparse.Namespace, multiple_for=None) -> int:
     data, multiple = _target(args.target, args.overrides, multiple_for)
     report = check(data, multiple or DEFAULT_MULTIPLE)
@@ -152,5 +164,5 @@ def run(args: argparse.Namespace, multiple_for=None) -> int:
         print(f"(bucket and upscale figures assume sides in multiples of {DEFAULT_MULTIPLE}; "
               "check a config with a local model.path for that model's)")
     if not report.usable:
-        raise DifftuneError("no usable images: every file was skipped (reasons above)")
+        raise DifftuneError(no_images_message(data, report.skipped))
     return 0

@@ -118,7 +118,9 @@ def build_items(data: DataConfig, log: Callable[[str], None] = print) -> list[It
         if not any(item.concept == i for item in items):
             log(f"warning: data.concepts[{i}] ({concept.dir or concept.hf}) has no usable image")
     if not items:
-        raise DifftuneError("no usable training images in data.concepts (see the lines above for why each was skipped)")
+        from .check import no_images_message
+
+        raise DifftuneError(no_images_message(data, len(skipped)))
     return items
 
 

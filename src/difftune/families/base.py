@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import importlib
 import json
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .. import DifftuneError
+from ..run_layout import RunLayout
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -68,14 +70,46 @@ def read_model_index(path: str, revision: str | None = None) -> dict:
         if not index.is_file():
             raise DifftuneError(f"{path}: not a diffusers pipeline folder (no model_index.json)")
         return json.loads(index.read_text())
-    if local.exists() or path.startswith((".", "/", "~")):
-        raise DifftuneError(f"model path not found or not a folder: {path}")
-    try:
-        from diffusers import DiffusionPipeline
+    from ..config import PATH_RULE, looks_local
 
+    if local.exists() or looks_local(path):  # refused at once, never sent to the hub
+        raise DifftuneError(f"model path not found or not a folder: {path} ({PATH_RULE})")
+    from diffusers import DiffusionPipeline
+
+    try:  # in the local hub cache: no network needed
+        return dict(DiffusionPipeline.load_config(path, revision=revision, local_files_only=True))
+    except Exception:
+        pass
+    _check_hub_repo(path, revision)
+    try:
         return dict(DiffusionPipeline.load_config(path, revision=revision))
     except Exception as e:  # network, auth, missing repo: say which and why in one line
         raise DifftuneError(f"cannot read model_index.json of {path!r} from the hub: {type(e).__name__}: {e}") from None
+
+
+def _check_hub_repo(repo: str, revision: str | None) -> None:
+    """One quick request (no retries) so that a missing repo or an unreachable hub is one line in
+    seconds, not a minute of retries ending in a confusing file-not-found."""
+    import huggingface_hub
+    from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    from ..config import PATH_RULE
+
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise DifftuneError(f"{repo}: not a local folder, and not in the hub cache (HF_HUB_OFFLINE is set)")
+    try:
+        huggingface_hub.model_info(repo, revision=revision, timeout=10)
+    except GatedRepoError:
+        raise DifftuneError(f"{repo}: gated on the hub: accept its licence on huggingface.co, then "
+                            "`huggingface-cli login`") from None
+    except RevisionNotFoundError:
+        raise DifftuneError(f"{repo}: the hub has no revision {revision!r}") from None
+    except RepositoryNotFoundError:
+        raise DifftuneError(f"{repo}: neither a local folder nor a model on the hub ({PATH_RULE}; private "
+                            "hub models need `huggingface-cli login`)") from None
+    except Exception as e:
+        raise DifftuneError(f"{repo}: not a local folder, and the hub cannot be reached to fetch it "
+                            f"({type(e).__name__}: {e})") from None
 
 
 def read_part_config(path: str, part: str, name: str = "config.json", revision: str | None = None) -> dict:
@@ -115,6 +149,49 @@ def load_part(path: str, name: str, spec: list, dtype: Any = None, revision: str
     return part
 
 
+@dataclass
+class Usage:
+    """How to use a finished run, as its report.md shows it: a `difftune generate` command line and
+    a complete Python script. Both run as written (tests/test_report_usage.py runs them)."""
+
+    command: str
+    python: str
+
+
+@dataclass
+class UsageSettings:
+    """What the usage examples take from a run's config: a prompt it trained or sampled, the
+    training resolution, the sampling steps and the LoRA / full-pipeline paths."""
+
+    prompt: str
+    size: int
+    steps: int
+    run: str
+    base: str
+    lora: bool
+
+    @classmethod
+    def of(cls, run_dir: str, config: dict) -> "UsageSettings":
+        validation = config.get("validation") or {}
+        concepts = (config.get("data") or {}).get("concepts") or []
+        prompts = list(validation.get("prompts") or []) + [c.get("prompt") for c in concepts if c.get("prompt")]
+        return cls(
+            prompt=prompts[0] if prompts else "a photo",
+            size=int((config.get("data") or {}).get("resolution") or 512),
+            steps=int(validation.get("steps") or 25),
+            run=str(run_dir),
+            base=config["model"]["path"],
+            lora=RunLayout(run_dir).lora.is_file() or _adapter_method(config["method"]["kind"]),
+        )
+
+
+def _adapter_method(kind: str) -> bool:
+    """Whether method `kind` writes an adapter (a LoRA file) rather than a whole pipeline."""
+    from ..methods import get_method_class
+
+    return get_method_class(kind).adapter
+
+
 def pipeline_parts(index: dict) -> dict[str, list]:
     """The component entries of a ``model_index.json`` (name -> [library, class]), absent ones left out."""
     return {k: v for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None}
@@ -135,11 +212,20 @@ class Family:
     lora_targets: ClassVar[dict[str, list[str]]] = {}
     #: guidance scale for samples when the config gives none
     default_guidance: ClassVar[float] = 7.5
-    #: the part whose spatial factor constrains resolutions, and the extra factor on top of it (packing)
+    #: the part whose spatial factor constrains resolutions (None: nothing spatial is denoised)
     autoencoder: ClassVar[str | None] = "vae"
-    extra_resolution_factor: ClassVar[int] = 1
     #: the dataclass of this family's ``model.options`` (its folder's ``options.py``)
     options_class: ClassVar[type] = NoOptions
+    #: `difftune generate`'s tasks -> the diffusers pipeline class for each (``text2img``, ``img2img``,
+    #: ``inpaint``, and with ControlNets ``controlnet``, ``controlnet-img2img``, ``controlnet-inpaint``);
+    #: a task left out is one the family does not offer. `task_pipeline` builds them from the loaded pipeline.
+    task_pipelines: ClassVar[dict[str, str]] = {}
+    #: the diffusers ControlNet model class this family's ControlNet pipelines take (None: no ControlNet)
+    controlnet_class: ClassVar[str | None] = None
+    #: scheduler names (`difftune.inference.schedulers.SCHEDULERS`) `difftune generate` may swap in
+    schedulers: ClassVar[tuple[str, ...]] = ()
+    #: the one-file checkpoint layout `save_single_file` writes (``difftune merge --format single-file``), or None
+    single_file_format: ClassVar[str | None] = None
 
     def __init__(self, cfg: "Config", device: "torch.device", weight_dtype: "torch.dtype"):
         self.cfg = cfg
@@ -164,13 +250,32 @@ class Family:
 
     @classmethod
     def resolution_multiple(cls, model_path: str, revision: str | None = None) -> int:
-        """Image sides must be a multiple of this (the autoencoder's downsampling, times packing)."""
+        """Image sides must be a multiple of this, read from the model's configs without loading it:
+        the autoencoder's scale factor (as diffusers pipelines compute ``vae_scale_factor``) times the
+        denoiser's own multiple in latent pixels (`denoiser_multiple`), and a multiple of what the
+        family's pipeline checks besides (`pipeline_multiple`), so that validation samples and
+        `difftune generate` accept the training resolution."""
+        import math
+
         if cls.autoencoder is None:
             return 1
-        conf = read_part_config(model_path, cls.autoencoder, revision=revision)
-        blocks = conf.get("block_out_channels")
+        blocks = read_part_config(model_path, cls.autoencoder, revision=revision).get("block_out_channels")
         factor = 2 ** (len(blocks) - 1) if blocks else 8
-        return factor * cls.extra_resolution_factor
+        own = cls.denoiser_multiple(read_part_config(model_path, cls.denoiser, revision=revision))
+        return math.lcm(factor * own, cls.pipeline_multiple(factor))
+
+    @classmethod
+    def denoiser_multiple(cls, config: dict) -> int:
+        """Latent sides must be a multiple of this for the denoiser (`config`: its ``config.json``).
+        Default, a UNet: 2 for each downsampling (every down block but the last)."""
+        blocks = config.get("down_block_types")
+        return 2 ** (len(blocks) - 1) if blocks else 1
+
+    @classmethod
+    def pipeline_multiple(cls, vae_factor: int) -> int:
+        """What the family's diffusers pipeline requires of image sides on its own. Default: the
+        autoencoder factor."""
+        return vae_factor
 
     # ---- loading -----------------------------------------------------------------------------
 
@@ -344,27 +449,75 @@ class Family:
         import diffusers
 
         pipeline_cls = getattr(diffusers, cls.pipeline_classes[0])
-        pipe = pipeline_cls.from_pretrained(path, dtype=dtype)
+        try:
+            pipe = pipeline_cls.from_pretrained(path, dtype=dtype)
+        except Exception as e:  # a broken folder, a missing part, the network for a hub id: one line
+            raise DifftuneError(f"cannot load {path} as a {pipeline_cls.__name__}: {type(e).__name__}: {e}") from None
         return pipe.to(device)
 
     @classmethod
-    def apply_loras(cls, pipe: Any, loras: list[tuple[str, float]]) -> None:
-        """Load LoRA files into `pipe` as named adapters and activate them with their scales."""
-        names = []
-        for i, (path, _) in enumerate(loras):
-            name = f"lora{i}"
-            pipe.load_lora_weights(path, adapter_name=name)
-            names.append(name)
-        if names:
-            pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
+    def apply_loras(cls, pipe: Any, loras: list[Any]) -> None:
+        """Load LoRAs (`difftune.inference.loras.LoraSpec`: ``path``, ``scale``...) into `pipe` as named
+        adapters and activate them with their scales. Default: checked against the pipeline's modules,
+        then its ``load_lora_weights`` (`difftune.inference.loras.load`)."""
+        from ..inference.loras import load
+
+        load(pipe, cls, list(loras))
+
+    @classmethod
+    def save_single_file(cls, pipe: Any, file: Path) -> Path:
+        """Write `pipe` as the one-file checkpoint of `single_file_format` (families that have one override this)."""
+        raise DifftuneError(f"--format single-file: the {cls.name} family has no one-file checkpoint layout")
+
+    @classmethod
+    def lora_parts(cls) -> tuple[str, ...]:
+        """The pipeline parts a LoRA file of this family may hold weights for (its key prefixes); empty
+        when its files carry no part prefix (then only loading can tell whether a file fits)."""
+        return (cls.denoiser, *cls.text_encoders)
+
+    @classmethod
+    def task_pipeline(cls, pipe: Any, task: str, controlnet: Any = None) -> Any:
+        """The pipeline for `task` (a `task_pipelines` key) sharing `pipe`'s modules, with `controlnet`
+        (one ControlNet model or a list of them) for the ControlNet tasks."""
+        import diffusers
+
+        if task == "text2img" and controlnet is None:
+            return pipe
+        pipeline_cls = getattr(diffusers, cls.task_pipelines[task])
+        return pipeline_cls.from_pipe(pipe, **({"controlnet": controlnet} if controlnet is not None else {}))
 
     @classmethod
     def sample(cls, pipe: Any, prompt: str, *, steps: int, guidance: float, width: int, height: int,
-               generator: Any, num: int = 1) -> list[Any]:
-        """Images (PIL) for one prompt with a ready pipeline."""
+               generator: Any, num: int = 1, **inputs: Any) -> list[Any]:
+        """Images (PIL) for one prompt with a ready pipeline. `inputs`: further arguments of the
+        pipeline's call (``negative_prompt``, ``image``, ``mask_image``, ``strength``, ``control_image``...)."""
         out = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
-                   generator=generator, num_images_per_prompt=num)
+                   generator=generator, num_images_per_prompt=num, **inputs)
         return list(out.images)
+
+    @classmethod
+    def usage(cls, run_dir: str | Path, config: dict) -> Usage:
+        """How to use what a finished run wrote into `run_dir` (`config`: its config.yaml as plain
+        data): the `difftune generate` command and a Python script with the family's pipeline. Default:
+        ``load_lora_weights`` on the base pipeline for a LoRA, ``from_pretrained(run_dir)`` for a full run."""
+        u = UsageSettings.of(str(run_dir), config)
+        pipeline = cls.pipeline_classes[0]
+        q = shlex.quote
+        model = f"--model {q(u.base)} --lora {q(u.run)}" if u.lora else f"--model {q(u.run)}"
+        command = (f"difftune generate {model} --prompt {q(u.prompt)} --steps {u.steps} --width {u.size} "
+                   f"--height {u.size} --out {q(str(Path(u.run) / 'generated'))}")
+        load = (f"pipe = {pipeline}.from_pretrained({u.base!r}, dtype=dtype).to(device)\n"
+                f"pipe.load_lora_weights({u.run!r})\n") if u.lora else \
+            f"pipe = {pipeline}.from_pretrained({u.run!r}, dtype=dtype).to(device)\n"
+        python = (
+            f"import torch\nfrom diffusers import {pipeline}\n\n"
+            "device = 'cuda' if torch.cuda.is_available() else 'cpu'\n"
+            "dtype = torch.bfloat16 if device == 'cuda' else torch.float32\n"
+            f"{load}"
+            f"image = pipe({u.prompt!r}, num_inference_steps={u.steps}, width={u.size}, height={u.size}).images[0]\n"
+            "image.save('image.png')\n"
+        )
+        return Usage(command, python)
 
     @classmethod
     def kohya_layout(cls) -> Any:

@@ -96,7 +96,22 @@ class Flux(Family):
     lora_targets = {"transformer": ATTENTION, "text_encoder": CLIP_ATTENTION}
     default_guidance = 3.5
     autoencoder = "vae"
-    extra_resolution_factor = 2
+    task_pipelines = {
+        "text2img": "FluxPipeline", "img2img": "FluxImg2ImgPipeline", "inpaint": "FluxInpaintPipeline",
+        "controlnet": "FluxControlNetPipeline", "controlnet-img2img": "FluxControlNetImg2ImgPipeline",
+        "controlnet-inpaint": "FluxControlNetInpaintPipeline",
+    }
+    controlnet_class = "FluxControlNetModel"
+
+    @classmethod
+    def denoiser_multiple(cls, config: dict) -> int:
+        """Latents are packed into 2x2 patches (`pack`)."""
+        return 2
+
+    @classmethod
+    def pipeline_multiple(cls, vae_factor: int) -> int:
+        """FluxPipeline resizes sides that are not multiples of ``vae_scale_factor * 2``."""
+        return vae_factor * 2
 
     options_class = FluxOptions
 
@@ -220,12 +235,12 @@ class Flux(Family):
         return pipe
 
     @classmethod
-    def sample(cls, pipe, prompt, *, steps, guidance, width, height, generator, num=1):
+    def sample(cls, pipe, prompt, *, steps, guidance, width, height, generator, num=1, **inputs):
         """Images for one prompt; width/height None = the pipeline's default size. A pipeline from
         `build_pipeline` samples cached prompts from their embeddings (T5 may be gone) and others
         at the training sequence length."""
         kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
-                      generator=generator)
+                      generator=generator, **inputs)
         known = _SAMPLING.get(pipe)
         if known is not None:
             kwargs["max_sequence_length"] = known.max_sequence_length

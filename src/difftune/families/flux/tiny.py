@@ -89,3 +89,13 @@ def write(out_dir: Path, **knobs) -> str:
     write_clip_vocab_files(out_dir / "tokenizer")
     write_spiece_model(out_dir / "tokenizer_2")
     return f"wrote tiny flux pipeline to {out_dir}"
+
+
+def controlnet():
+    """A ``FluxControlNetModel`` for this pipeline (``difftune tiny controlnet-flux``): made from the tiny
+    transformer, 1 double and 1 single block."""
+    from diffusers import FluxControlNetModel
+
+    return FluxControlNetModel.from_transformer(
+        build(**KNOBS).transformer, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2
+    )

@@ -38,12 +38,14 @@ from ... import DifftuneError
 from ...objectives.ddpm import DDPMObjective
 from ...run_layout import LORA_FILE, RunLayout
 from ...util.atomic import atomic_write
-from ..base import Family, load_part, read_model_index
+from ..base import Family, Usage, UsageSettings, load_part, read_model_index
 from .options import DecoderOptions, PriorOptions
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 #: the decoder's SimpleCrossAttn blocks project the image-embedding tokens with their own key/value layers
 DECODER_ATTENTION = [*ATTENTION, "add_k_proj", "add_v_proj"]
+#: the decoder named in a prior run's usage examples when its config names none
+DEFAULT_DECODER = "kandinsky-community/kandinsky-2-2-decoder"
 PRIOR_PIPELINE = "KandinskyV22PriorPipeline"
 DECODER_PIPELINE = "KandinskyV22Pipeline"
 
@@ -155,6 +157,31 @@ def load_adapters(model: Any, loras: list[tuple[str, float]], flag: str, label: 
         model.set_adapters(names, weights=[scale for _, scale in loras])
 
 
+def kandinsky_usage(u: UsageSettings, prior: str, decoder: str, flags: str, lora_into: str | None) -> Usage:
+    """Usage of a Kandinsky 2.2 run: the prior makes image embeddings from the prompt, the decoder
+    images from them; `lora_into` is the pipeline part (``decoder.unet``, ``prior.prior``) that gets
+    the run's LoRA (these pipelines have no ``load_lora_weights``), None for a full run."""
+    import shlex
+
+    q = shlex.quote
+    command = (f"difftune generate {flags} --prompt {q(u.prompt)} --steps {u.steps} --width {u.size} "
+               f"--height {u.size} --out {q(str(Path(u.run) / 'generated'))}")
+    load = f"{lora_into}.load_lora_adapter({u.run!r}, weight_name={LORA_FILE!r}, prefix=None)\n" if lora_into else ""
+    python = (
+        f"import torch\nfrom diffusers import {DECODER_PIPELINE}, {PRIOR_PIPELINE}\n\n"
+        "device = 'cuda' if torch.cuda.is_available() else 'cpu'\n"
+        "dtype = torch.bfloat16 if device == 'cuda' else torch.float32\n"
+        f"prior = {PRIOR_PIPELINE}.from_pretrained({prior!r}, dtype=dtype).to(device)\n"
+        f"decoder = {DECODER_PIPELINE}.from_pretrained({decoder!r}, dtype=dtype).to(device)\n"
+        f"{load}"
+        f"embeds = prior({u.prompt!r}, num_inference_steps={u.steps})\n"
+        "image = decoder(image_embeds=embeds.image_embeds, negative_image_embeds=embeds.negative_image_embeds,\n"
+        f"                num_inference_steps={u.steps}, width={u.size}, height={u.size}).images[0]\n"
+        "image.save('image.png')\n"
+    )
+    return Usage(command, python)
+
+
 class _Kandinsky(Family):
     """What the prior and the decoder share: checks, objective, LoRA file, text -> image sampling."""
 
@@ -227,7 +254,7 @@ class _Kandinsky(Family):
 
     @classmethod
     def sample(cls, pipe: Any, prompt: str, *, steps: int, guidance: float, width: int, height: int,
-               generator: Any, num: int = 1) -> list[Any]:
+               generator: Any, num: int = 1, **inputs: Any) -> list[Any]:
         """Images for `prompt` from a ``KandinskyV22CombinedPipeline``; `guidance` and `steps` apply to both
         the prior and the decoder. Default size: the decoder UNet's sample size times the MoVQ factor."""
         sample_size = pipe.unet.config.sample_size
@@ -235,7 +262,7 @@ class _Kandinsky(Family):
         out = pipe(
             prompt, num_inference_steps=steps, prior_num_inference_steps=steps, guidance_scale=guidance,
             prior_guidance_scale=guidance, width=width or default, height=height or default,
-            generator=generator, num_images_per_prompt=num,
+            generator=generator, num_images_per_prompt=num, **inputs,
         )
         return list(out.images)
 
@@ -248,6 +275,16 @@ class KandinskyDecoder(_Kandinsky):
     lora_targets = {"unet": DECODER_ATTENTION}
     autoencoder = "movq"
     options_class = DecoderOptions
+    task_pipelines = {
+        "text2img": "KandinskyV22CombinedPipeline", "img2img": "KandinskyV22Img2ImgCombinedPipeline",
+        "inpaint": "KandinskyV22InpaintCombinedPipeline",
+    }
+
+    @classmethod
+    def pipeline_multiple(cls, vae_factor: int) -> int:
+        """KandinskyV22Pipeline rounds sides up to multiples of the MoVQ factor squared
+        (``downscale_height_and_width``): samples at other sizes would not be the trained size."""
+        return vae_factor**2
 
     def load(self) -> None:
         prior = self.options.prior
@@ -317,9 +354,25 @@ class KandinskyDecoder(_Kandinsky):
         return combine(prior_pipe, decoder_pipe).to(device)
 
     @classmethod
-    def apply_loras(cls, pipe: Any, loras: list[tuple[str, float]]) -> None:
+    def apply_loras(cls, pipe: Any, loras: list[Any]) -> None:
         """Decoder LoRAs (``--lora``) into the UNet of a combined pipeline."""
-        load_adapters(pipe.unet, loras, "--lora", "unet")
+        load_adapters(pipe.unet, [(spec.path, spec.scale) for spec in loras], "--lora", "unet")
+
+    @classmethod
+    def lora_parts(cls) -> tuple[str, ...]:
+        return ()  # files written by save_lora_adapter: keys carry no part prefix
+
+    @classmethod
+    def usage(cls, run_dir, config: dict) -> Usage:
+        """The decoder needs the prior of ``model.options.prior`` to turn the prompt into an image embedding."""
+        import shlex
+
+        u = UsageSettings.of(str(run_dir), config)
+        prior = (config["model"].get("options") or {}).get("prior")
+        decoder = u.base if u.lora else u.run
+        flags = f"--model {shlex.quote(decoder)} --prior {shlex.quote(prior)}"
+        flags += f" --lora {shlex.quote(u.run)}" if u.lora else ""
+        return kandinsky_usage(u, prior, decoder, flags, "decoder.unet" if u.lora else None)
 
 
 class KandinskyPrior(_Kandinsky):
@@ -399,6 +452,19 @@ class KandinskyPrior(_Kandinsky):
     def load_companion(self) -> Any:
         pipe = _load_pipeline(DECODER_PIPELINE, self.options.decoder, self.weight_dtype, "model.options.decoder")
         return pipe.to(self.device)
+
+    @classmethod
+    def usage(cls, run_dir, config: dict) -> Usage:
+        """The prior makes image embeddings only: images come from a decoder (``model.options.decoder``, else the
+        public Kandinsky 2.2 decoder) fed with this prior."""
+        import shlex
+
+        u = UsageSettings.of(str(run_dir), config)
+        decoder = (config["model"].get("options") or {}).get("decoder") or DEFAULT_DECODER
+        prior = u.base if u.lora else u.run
+        flags = f"--model {shlex.quote(decoder)} --prior {shlex.quote(prior)}"
+        flags += f" --prior-lora {shlex.quote(u.run)}" if u.lora else ""
+        return kandinsky_usage(u, prior, decoder, flags, "prior.prior" if u.lora else None)
 
     @classmethod
     def load_pipeline(cls, path: str, device: Any, dtype: Any, extra: dict | None = None) -> Any:

@@ -20,6 +20,7 @@ class DecoderOptions:
         "Required: the prior pipeline (hub id or folder, e.g. `kandinsky-community/kandinsky-2-2-prior`) whose "
         "CLIP image encoder makes the decoder's conditioning embeddings, and which draws validation samples.",
         resume_locked=True,
+        path="local_or_hub",
     )
 
 
@@ -31,4 +32,5 @@ class PriorOptions:
         None,
         "A decoder pipeline that turns the prior's embeddings into validation images; needed only with "
         "`validation.prompts`.",
+        path="local_or_hub",
     )

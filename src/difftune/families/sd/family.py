@@ -24,6 +24,20 @@ class StableDiffusion(Family):
     text_encoders = ("text_encoder",)
     lora_targets = {"unet": ATTENTION, "text_encoder": CLIP_ATTENTION}
     default_guidance = 7.5
+    task_pipelines = {
+        "text2img": "StableDiffusionPipeline", "img2img": "StableDiffusionImg2ImgPipeline",
+        "inpaint": "StableDiffusionInpaintPipeline", "controlnet": "StableDiffusionControlNetPipeline",
+        "controlnet-img2img": "StableDiffusionControlNetImg2ImgPipeline",
+        "controlnet-inpaint": "StableDiffusionControlNetInpaintPipeline",
+    }
+    controlnet_class = "ControlNetModel"
+    schedulers = ("unipc", "euler", "euler-a", "dpm++", "ddim")
+    single_file_format = "ldm"  # the original CompVis names (ComfyUI, A1111): single_file.py
+
+    @classmethod
+    def pipeline_multiple(cls, vae_factor: int) -> int:
+        """StableDiffusionPipeline.check_inputs refuses sides that are not multiples of 8, whatever the VAE."""
+        return 8
 
     def encode_images(self, pixels):
         vae = self.parts["vae"]
@@ -54,3 +68,9 @@ class StableDiffusion(Family):
         unet = self.parts["unet"]
         hidden = features["encoder_hidden_states"]
         return unet(x_t, t, encoder_hidden_states=hidden.to(x_t.dtype)).sample
+
+    @classmethod
+    def save_single_file(cls, pipe, file):
+        from .single_file import save
+
+        return save(pipe, file)

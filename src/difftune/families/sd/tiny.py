@@ -64,3 +64,11 @@ def write(out_dir: Path, **knobs) -> str:
     build(**knobs).save_pretrained(out_dir)
     write_clip_vocab_files(out_dir / "tokenizer")
     return f"wrote tiny sd pipeline to {out_dir}"
+
+
+def controlnet():
+    """A ``ControlNetModel`` for this pipeline (``difftune tiny controlnet-sd``): made from the tiny UNet,
+    its conditioning embedding downsampling by 4 (the tiny VAE's factor)."""
+    from diffusers import ControlNetModel
+
+    return ControlNetModel.from_unet(build(**KNOBS).unet, conditioning_embedding_out_channels=(16, 32, 32))

@@ -30,6 +30,13 @@ class StableDiffusionXL(StableDiffusion):
     text_encoders = ("text_encoder", "text_encoder_2")
     lora_targets = {"unet": ATTENTION, "text_encoder": CLIP_ATTENTION, "text_encoder_2": CLIP_ATTENTION}
     default_guidance = 5.0
+    task_pipelines = {
+        "text2img": "StableDiffusionXLPipeline", "img2img": "StableDiffusionXLImg2ImgPipeline",
+        "inpaint": "StableDiffusionXLInpaintPipeline", "controlnet": "StableDiffusionXLControlNetPipeline",
+        "controlnet-img2img": "StableDiffusionXLControlNetImg2ImgPipeline",
+        "controlnet-inpaint": "StableDiffusionXLControlNetInpaintPipeline",
+    }
+    single_file_format = None  # sd's single_file.py writes the SD 1.x/2.x layout only
 
     def encode_images(self, pixels):
         import torch
