@@ -226,6 +226,9 @@ class Family:
     schedulers: ClassVar[tuple[str, ...]] = ()
     #: the one-file checkpoint layout `save_single_file` writes (``difftune merge --format single-file``), or None
     single_file_format: ClassVar[str | None] = None
+    #: for a family that makes no images (no `task_pipelines`): how to generate with a model of it instead
+    #: (``{path}`` is the model given)
+    generate_hint: ClassVar[str | None] = None
 
     def __init__(self, cfg: "Config", device: "torch.device", weight_dtype: "torch.dtype"):
         self.cfg = cfg

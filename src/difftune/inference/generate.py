@@ -117,6 +117,8 @@ def plan(model: str, out: Path, *, family: str, loras: list[tuple[str, float]], 
         raise DifftuneError("--controlnet needs --control-image IMG (the image that guides it)")
     cn.check(controlnets, family_cls)
     task = task_name(bool(controlnets), bool(init_image), bool(mask))
+    if not family_cls.task_pipelines and family_cls.generate_hint:
+        raise DifftuneError(family_cls.generate_hint.format(path=model))
     if task not in family_cls.task_pipelines:
         flag = "--mask" if mask else "--init-image"
         raise DifftuneError(f"{flag}: the {family_cls.name} family has no {task} pipeline")

@@ -384,6 +384,8 @@ class KandinskyPrior(_Kandinsky):
     # the image encoder resizes whatever it gets; nothing spatial is denoised
     autoencoder = None
     options_class = PriorOptions
+    generate_hint = ("{path} is a Kandinsky 2.2 prior: it makes image embeddings, not images. Generate with "
+                     "--model DECODER --prior {path} (and --prior-lora for a prior LoRA)")
 
     def load(self) -> None:
         import diffusers
@@ -468,7 +470,4 @@ class KandinskyPrior(_Kandinsky):
 
     @classmethod
     def load_pipeline(cls, path: str, device: Any, dtype: Any, extra: dict | None = None) -> Any:
-        raise DifftuneError(
-            f"{path} is a Kandinsky 2.2 prior: it makes image embeddings, not images. Generate with "
-            f"--model DECODER --prior {path} (and --prior-lora for a prior LoRA)"
-        )
+        raise DifftuneError(cls.generate_hint.format(path=path))
