@@ -23,7 +23,7 @@ from .. import DifftuneError
 from .spec import parse_grid, plan
 
 EXAMPLES = """examples:
-  difftune sweep configs/sweeps/sd-rank-lr.yaml --grid method.rank=4,16 --grid train.lr=1e-4,5e-4
+  difftune sweep configs/sweeps/seed001-rank-lr.yaml --grid method.rank=4,16 --grid train.lr=1e-4,5e-4
   difftune sweep my.yaml --grid method.kind=lora,full --grid train.lr=1e-4,1e-5 --zip --out runs/lora-vs-full
   difftune sweep my.yaml --grid method.rank=4,8,16 --dry-run      # list the runs, train nothing
   difftune sweep my.yaml --grid method.rank=4,8 train.steps=200    # overrides after the config apply to every run
