@@ -34,7 +34,7 @@ if mode in ("kill-micro", "term-micro"):
 
     train._micro_step = micro_step
 elif mode == "kill-save":
-    original_fsync = checkpoint._fsync_file
+    original_fsync = checkpoint.fsync_file
 
     def fsync_file(path):
         original_fsync(path)
@@ -43,7 +43,7 @@ elif mode == "kill-save":
             if calls["n"] == n:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    checkpoint._fsync_file = fsync_file
+    checkpoint.fsync_file = fsync_file
 else:
     raise SystemExit(f"unknown mode {mode}")
 

@@ -143,8 +143,8 @@ def test_bad_cases_are_one_line_errors(tmp_path):
         run_case(Case(family="sd", preset="huge"), tmp_path)
     with pytest.raises(DifftuneError, match="no re-created diffusers script for sd"):
         run_case(Case(family="sd", mode="baseline"), tmp_path)
-    with pytest.raises(DifftuneError, match="--family 'sdxl'"):
-        run_case(Case(family="sdxl"), tmp_path)
+    with pytest.raises(DifftuneError, match="--family 'sd9'"):
+        run_case(Case(family="sd9"), tmp_path)
 
 
 def test_a_model_too_big_for_the_machine_stops_before_it_is_built(tmp_path, monkeypatch):

@@ -129,11 +129,12 @@ def test_prior_preservation_batches_and_weighted_loss(tmp_path, tiny_sd):
 
     features = ImageFeatures(family, data, None, contextlib.nullcontext)
     batch = data.batch(0, pixels=False)
+    with torch.no_grad():
+        inputs = {**features(batch["views"]), **family.encode_prompts(batch["prompts"])}
 
     def loss(weights):
         with torch.no_grad():
-            return _micro_step(family, family.make_objective(), {**batch, "loss_weights": weights}, features,
-                               family.encode_prompts, seed=7)
+            return _micro_step(family, family.make_objective(), inputs, seed=7, loss_weights=weights)
 
     is_class = [Path(p).parent == classes for p in batch["paths"]]
     inst_loss = loss([0.0 if c else 0.5 for c in is_class])

@@ -205,7 +205,7 @@ def test_resume_refuses_a_changed_method_and_honours_never(tmp_path, tiny_sd, da
 def test_flux_sigkill_mid_accumulation_then_rerun_is_bit_identical(tmp_path, data, tiny_flux):
     """The same guarantee for a second family (flow matching, packed latents, released T5)."""
     model = tiny_flux
-    extra = {"objective.max_sequence_length": 16, "objective.timestep_sampling": "logit_normal"}
+    extra = {"model.options.max_sequence_length": 16, "objective.timestep_sampling": "logit_normal"}
     reference_out, out = tmp_path / "reference", tmp_path / "out"
     train(load_config(None, overrides(model, data, reference_out, **extra)), log=quiet)
     args = overrides(model, data, out, **extra)

@@ -36,7 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
               "the procedural world: render data, score images with its oracle, pretrain and bench world models"),
     "eval": ("difftune.evaluate.cli:add_arguments:run:EXAMPLES",
              "score a run's final weights and checkpoints per concept, and its drift from the base model"),
-    "data": ("difftune.data.check:add_arguments:run:EXAMPLES",
+    "data": ("difftune.commands:add_data_arguments:run_data:DATA_EXAMPLES",
              "check training data: counts, sizes, aspect ratios, captions and problems per file"),
     "sweep": ("difftune.sweeps.runner:add_arguments:run:EXAMPLES",
               "train every combination of --grid values as its own run, resumable; then compare them"),

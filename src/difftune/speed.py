@@ -70,11 +70,10 @@ def setup(cfg: "Config", device: torch.device) -> None:
     """Check that every speed switch can run on `device`, then set the global matmul flags."""
     s = cfg.speed
     cuda = device.type == "cuda"
-    if s.base_weights != "auto" and not get_method_class(cfg.method.kind).adapter:
+    if s.base_weights != "auto" and not get_method_class(cfg.method.kind).low_precision_base:
         raise DifftuneError(
-            f"speed.base_weights={s.base_weights} stores the frozen base weights in low precision, which only "
-            f"adapter methods (LoRA) have, not method.kind={cfg.method.kind}; use method.kind=lora or "
-            "speed.base_weights=auto"
+            f"speed.base_weights={s.base_weights} stores the frozen base weights in low precision, which "
+            f"method.kind={cfg.method.kind} cannot use; use method.kind=lora or speed.base_weights=auto"
         )
     if s.base_weights == "nf4":
         try:
