@@ -13,7 +13,7 @@ Modes:
 
 - ``train``: difftune's own optimizer step, with **cached inputs**: random latents and random prompt
   embeddings of the exact shapes and dtypes the family's encoders produce (the case of a run whose
-  features are in the cache), fed through `train._micro_step` (timesteps, noise, the family's
+  features are in the cache), fed through `train.micro_step` (timesteps, noise, the family's
   ``predict``, the objective's loss), ``accelerator.backward``, gradient clipping and the optimizer,
   with every `speed` switch of the config applied as `train` applies it.
 - ``bare``: only the denoiser's forward and backward on the very tensors ``predict`` gave it in a
@@ -629,7 +629,7 @@ def _run_train(case: Case, cfg: Any, preset: Preset, device: Any, weight_dtype: 
 
     from . import speed
     from .families.base import unwrap
-    from .train import _make_optimizer, _micro_step, attach_method, micro_seed
+    from .train import attach_method, make_optimizer, micro_seed, micro_step
 
     t_start = time.perf_counter()
     accelerator = Accelerator(mixed_precision=cfg.train.precision)
@@ -654,7 +654,7 @@ def _run_train(case: Case, cfg: Any, preset: Preset, device: Any, weight_dtype: 
     method = get_method(cfg.method)
     groups = [{"params": method.trainable_parameters(family.parts[name]), "lr": cfg.train.lr} for name in part_names]
     params = [p for g in groups for p in g["params"]]
-    optimizer = accelerator.prepare(_make_optimizer(cfg, groups))
+    optimizer = accelerator.prepare(make_optimizer(cfg, groups))
     for name in part_names:  # block swap keeps weights on the host: as in train.py
         placement = not (name == family.denoiser and cfg.speed.block_swap)
         family.parts[name] = accelerator.prepare(family.parts[name], device_placement=[placement])
@@ -662,7 +662,7 @@ def _run_train(case: Case, cfg: Any, preset: Preset, device: Any, weight_dtype: 
 
     def train_step(k: int) -> None:
         with accelerator.autocast():
-            loss = _micro_step(family, objective, features, micro_seed(0, k))
+            loss = micro_step(family, objective, features, micro_seed(0, k))
         finite = bool(torch.isfinite(loss))  # the loop checks every loss (one sync per step, as there)
         accelerator.backward(loss)
         if max_norm is not None:

@@ -110,7 +110,9 @@ def find_resume(cfg: Config, log) -> Path | None:
 # -----------------------------------------------------------------------------------------------
 
 
-def _make_optimizer(cfg: Config, groups: list[dict]):
+def make_optimizer(cfg: Config, groups: list[dict]):
+    """The optimizer of `cfg.train` over the parameter `groups`. Shared with the bench (`difftune.bench`),
+    which times this very step."""
     import torch
 
     from . import speed
@@ -259,7 +261,7 @@ def _train(cfg: Config, checked, log, progress_mode: str) -> Path:
         lr = cfg.train.text_encoder_lr if name != family.denoiser and cfg.train.text_encoder_lr else cfg.train.lr
         groups.append({"params": method.trainable_parameters(family.parts[name]), "lr": lr})
     n_trainable = sum(p.numel() for g in groups for p in g["params"])
-    optimizer = _make_optimizer(cfg, groups)
+    optimizer = make_optimizer(cfg, groups)
     lr_scheduler = get_scheduler(
         cfg.train.lr_scheduler, optimizer, num_warmup_steps=cfg.train.lr_warmup_steps,
         num_training_steps=cfg.train.steps,
@@ -352,7 +354,7 @@ def _train(cfg: Config, checked, log, progress_mode: str) -> Path:
                 try:
                     with accelerator.autocast(), par.no_sync(family.parts, part_names, sync):
                         features, batch = route.features(k)  # from the disk caches, or encoded now
-                        loss = _micro_step(family, objective, features, micro_seed(cfg.train.seed, k),
+                        loss = micro_step(family, objective, features, micro_seed(cfg.train.seed, k),
                                            batch.get("loss_weights"), terms)
                         if not torch.isfinite(loss):
                             bad_paths += batch["paths"]
@@ -459,11 +461,12 @@ def attach_method(family, cfg: Config) -> list[str]:
     return part_names
 
 
-def _micro_step(family, objective, features: dict, seed: int, loss_weights=None, terms=()):
+def micro_step(family, objective, features: dict, seed: int, loss_weights=None, terms=()):
     """Loss of one micro-batch: per-sample mean squared error, weighted by the objective's timestep
     weights and `loss_weights` (the batch's, which sum to 1 per loss group, see data/mix.py; None: the
     plain mean), plus any preservation `terms`. `features`: the micro-batch's image and prompt
-    features (`FeatureRoute.features`); ``x0`` is taken out of it."""
+    features (`FeatureRoute.features`); ``x0`` is taken out of it. Shared with the bench
+    (`difftune.bench`), which times this very step."""
     import torch
 
     device = family.device

@@ -28,7 +28,7 @@ from difftune.families.registry import FAMILIES, get_family
 from difftune.methods import get_method, method_kinds
 from difftune.run_layout import LORA_FILE
 from difftune.tiny import make_tiny, tiny_config, tiny_folder, tiny_resolution
-from difftune.train import _micro_step, attach_method
+from difftune.train import attach_method, micro_step
 
 PAIRS = [(f, m) for f in FAMILIES for m in method_kinds()]
 PROMPTS = ["a photo of sks dog", "a red car on a road"]
@@ -72,7 +72,7 @@ class _Step:
             self.prompts = family.encode_prompts(PROMPTS)
 
     def loss(self, family, objective, seed: int = 7):
-        return _micro_step(family, objective, {**self.images, **self.prompts}, seed)
+        return micro_step(family, objective, {**self.images, **self.prompts}, seed)
 
     def predict(self, family, objective):
         """The denoiser's prediction on a fixed noisy input."""
