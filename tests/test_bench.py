@@ -148,10 +148,10 @@ def test_bad_cases_are_one_line_errors(tmp_path):
 
 
 def test_a_model_too_big_for_the_machine_stops_before_it_is_built(tmp_path, monkeypatch):
-    import difftune.bench
+    import difftune.bench.cases
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same check on any machine
-    monkeypatch.setattr(difftune.bench, "_available_ram", lambda: 8 * 10**9)
+    monkeypatch.setattr(difftune.bench.cases, "_available_ram", lambda: 8 * 10**9)
     with pytest.raises(DifftuneError, match=r"FLUX.1-dev \(transformer\): 47.6 GB of weights alone, but the cpu "
                                             r"has 8.0 GB free; .*--mode flops"):
         run_case(Case(family="flux", preset="real", precision="no"), tmp_path)

@@ -92,9 +92,9 @@ def test_imports_point_down(source, target):
 
 
 #: shared modules: they reach families and methods through the registries only
-SHARED = ["train.py", "tiny.py", "bench.py", "export.py", "config.py", "speed.py", "report.py", "checkpoint.py",
-          "commands.py", "families/base.py", "formats/kohya.py", "data/cache.py",
-          "data/dataset.py", "data/check.py"]
+SHARED = ["train.py", "tiny.py", "bench/cli.py", "bench/cases.py", "bench/measure.py", "bench/runners.py",
+          "export.py", "config.py", "speed.py", "report.py", "checkpoint.py", "commands.py", "families/base.py",
+          "formats/kohya.py", "data/cache.py", "data/dataset.py", "data/check.py"]
 
 
 def test_shared_code_names_no_family_or_method():

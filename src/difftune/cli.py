@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fetch": ("difftune.fetch:add_arguments:run:EXAMPLES",
               "download images from URL lists or numbered URL patterns, safely"),
     "export": ("difftune.export:add_arguments:run:EXAMPLES", "convert a LoRA between the diffusers and kohya layouts"),
-    "bench": ("difftune.bench:add_arguments:run:EXAMPLES",
+    "bench": ("difftune.bench.cli:add_arguments:run:EXAMPLES",
               "time a training step (or generation) against the machine's limit: s/step, memory, MFU"),
     "config": ("difftune.commands:add_config_arguments:run_config:CONFIG_EXAMPLES",
                "print the config reference or check a config file"),

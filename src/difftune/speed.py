@@ -1,6 +1,6 @@
 """Speed and memory switches: the ``speed:`` config section, applied in one place.
 
-train.py (and bench.py, which times the same step) calls three functions, in this order:
+train.py (and bench/runners.py, which times the same step) calls three functions, in this order:
 
 1. `setup(cfg, device)` once the accelerator exists and *before any model is loaded*: checks that
    every switch can run on this machine (a one-line `DifftuneError` naming what is missing, so a
@@ -22,7 +22,7 @@ from __future__ import annotations
 import shutil
 from typing import TYPE_CHECKING, Any, Iterable
 
-import torch  # this module is imported by train.py and bench.py at run time only, never by the CLI
+import torch  # this module is imported by train.py and bench/ at run time only, never by the CLI
 
 from . import DifftuneError
 from .methods import get_method_class
