@@ -23,7 +23,7 @@ mode, n, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 calls = {"n": 0}
 
 if mode in ("kill-micro", "term-micro"):
-    original = train._micro_step
+    original = train.micro_step
     sig = signal.SIGKILL if mode == "kill-micro" else signal.SIGTERM
 
     def micro_step(*args, **kwargs):
@@ -32,9 +32,9 @@ if mode in ("kill-micro", "term-micro"):
             os.kill(os.getpid(), sig)
         return original(*args, **kwargs)
 
-    train._micro_step = micro_step
+    train.micro_step = micro_step
 elif mode == "kill-save":
-    original_fsync = checkpoint._fsync_file
+    original_fsync = checkpoint.fsync_file
 
     def fsync_file(path):
         original_fsync(path)
@@ -43,7 +43,7 @@ elif mode == "kill-save":
             if calls["n"] == n:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    checkpoint._fsync_file = fsync_file
+    checkpoint.fsync_file = fsync_file
 else:
     raise SystemExit(f"unknown mode {mode}")
 

@@ -143,15 +143,15 @@ def test_bad_cases_are_one_line_errors(tmp_path):
         run_case(Case(family="sd", preset="huge"), tmp_path)
     with pytest.raises(DifftuneError, match="no re-created diffusers script for sd"):
         run_case(Case(family="sd", mode="baseline"), tmp_path)
-    with pytest.raises(DifftuneError, match="--family 'sdxl'"):
-        run_case(Case(family="sdxl"), tmp_path)
+    with pytest.raises(DifftuneError, match="--family 'sd9'"):
+        run_case(Case(family="sd9"), tmp_path)
 
 
 def test_a_model_too_big_for_the_machine_stops_before_it_is_built(tmp_path, monkeypatch):
-    import difftune.bench
+    import difftune.bench.cases
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same check on any machine
-    monkeypatch.setattr(difftune.bench, "_available_ram", lambda: 8 * 10**9)
+    monkeypatch.setattr(difftune.bench.cases, "_available_ram", lambda: 8 * 10**9)
     with pytest.raises(DifftuneError, match=r"FLUX.1-dev \(transformer\): 47.6 GB of weights alone, but the cpu "
                                             r"has 8.0 GB free; .*--mode flops"):
         run_case(Case(family="flux", preset="real", precision="no"), tmp_path)

@@ -4,7 +4,7 @@ peer rows are produced through the peer machinery.
 
 What the peer rows prove here, honestly: CI has no internet, so diffusers' example scripts cannot be
 fetched. The test writes two small stand-in scripts under the real scripts' file names that speak the
-same command line (the flags `bench_peers.PEERS` builds), load the denoiser from the pipeline folder
+same command line (the flags `bench.peers.PEERS` builds), load the denoiser from the pipeline folder
 the peer runner wrote and train a parameter with AdamW for ``--max_train_steps`` steps. So this proves
 the peer runner (pipeline folder, image folders, command line, a separate process under the probe,
 optimizer steps timed, the ratio against difftune's row), not the behaviour of the real scripts; the
@@ -62,7 +62,7 @@ def write_fake_peers(folder: Path) -> Path:
 
 
 def test_tiny_gpu_suite_produces_every_row(tmp_path):
-    from difftune.bench_suite import gpu_cases
+    from difftune.bench.suite import gpu_cases
 
     peers = write_fake_peers(tmp_path / "peers")
     out = tmp_path / "suite"
@@ -91,7 +91,7 @@ def test_tiny_gpu_suite_produces_every_row(tmp_path):
 
 
 def test_budget_spent_skips_the_rest(tmp_path):
-    from difftune.bench_suite import SuiteCase, run_suite
+    from difftune.bench.suite import SuiteCase, run_suite
 
     cases = [SuiteCase("a", "none", ["--family", "flux", "--steps", "1", "--warmup", "0"]),
              SuiteCase("b", "none", ["--family", "flux", "--steps", "1"])]
@@ -102,7 +102,7 @@ def test_budget_spent_skips_the_rest(tmp_path):
 
 
 def test_a_crashing_case_costs_only_itself(tmp_path):
-    from difftune.bench_suite import SuiteCase, run_suite
+    from difftune.bench.suite import SuiteCase, run_suite
 
     cases = [SuiteCase("broken", "none", ["--family", "nosuch"]),
              SuiteCase("fine", "none", ["--family", "flux", "--steps", "1", "--warmup", "0"])]

@@ -89,7 +89,7 @@ def test_shipped_configs_validate(path, tmp_path):
     multiple = 16 if (family == "flux" or "FLUX" in cfg.model.path) else 8
     validate(cfg, resolution_multiple=multiple, check_paths=False)
     if family:
-        get_family(family)
+        get_family(family).options_for(cfg)  # model.options fit the family
     # the resolved form written into output_dir loads back to the same config
     saved = tmp_path / "config.yaml"
     saved.write_text(yaml.safe_dump(to_dict(cfg)))
@@ -112,3 +112,66 @@ def test_readme_config_reference_is_current():
     start = readme.index("<!-- config reference:")
     body = readme[readme.index("\n", start) + 1 : readme.index("<!-- end config reference -->")]
     assert body.strip() == reference_markdown().strip(), "run `difftune config reference` and paste it into README.md"
+
+
+# ---- family options (model.options) ----------------------------------------------------------------
+
+
+def test_old_family_keys_name_their_new_place(tmp_path):
+    for old, new in [("model.prior", "model.options.prior"), ("model.decoder", "model.options.decoder"),
+                     ("objective.guidance", "model.options.guidance"),
+                     ("objective.max_sequence_length", "model.options.max_sequence_length")]:
+        with pytest.raises(ConfigError, match=f"'{old}' is now '{new}'"):
+            load_config(None, [f"{old}=1"])
+        section, key = old.split(".")
+        with pytest.raises(ConfigError, match=f"'{old}' is now '{new}'"):
+            load_config(write(tmp_path, f"{section}:\n  {key}: x\n"))
+
+
+def test_family_options_are_typed_and_strict():
+    from difftune.families.registry import get_family
+
+    flux = get_family("flux")
+    cfg = load_config(None, ["model.options.guidance=3.5", "model.options.max_sequence_length=16"])
+    options = flux.options_for(cfg)
+    assert (options.guidance, options.max_sequence_length) == (3.5, 16)
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.options.guidanse'; did you mean 'model.options.guidance'"):
+        flux.options_for(load_config(None, ["model.options.guidanse=3.5"]))
+    with pytest.raises(ConfigError, match="model.options.guidance: expected a number"):
+        flux.options_for(load_config(None, ["model.options.guidance=high"]))
+    with pytest.raises(ConfigError, match="model.options.max_sequence_length must be between 1 and 512"):
+        flux.options_for(load_config(None, ["model.options.max_sequence_length=600"]))
+    # a family without options refuses any
+    with pytest.raises(ConfigError, match="unknown config key 'model.options.prior'"):
+        get_family("sd").options_for(load_config(None, ["model.options.prior=x"]))
+    assert get_family("kandinsky22-decoder").options_for(load_config(None, ["model.options.prior=owner/prior"])).prior == "owner/prior"
+
+
+def test_reference_lists_each_family_options():
+    text = reference_markdown()
+    assert "**model.options (flux)**" in text and "`model.options.guidance`" in text
+    assert "**model.options (kandinsky22-decoder)**" in text and "`model.options.prior`" in text
+
+
+def test_method_kind_comes_from_the_method_registry():
+    from difftune.methods import method_kinds
+
+    assert {"lora", "dora", "full"} <= set(method_kinds())
+    assert load_config(None, ["method.kind=dora"]).method.kind == "dora"
+    with pytest.raises(ConfigError, match=r"method.kind: 'lorra' is not one of .*did you mean 'lora'"):
+        load_config(None, ["method.kind=lorra"])
+    text = reference_markdown()
+    assert all(f"| `{kind}` |" in text for kind in method_kinds())
+
+
+def test_family_option_paths_follow_the_path_rule(tmp_path):
+    """model.options keys a family declares as paths are resolved like model.path: relative to the
+    config file's folder (or the current directory on the command line), and a missing local one is refused."""
+    (tmp_path / "cfg" / "prior").mkdir(parents=True)
+    (tmp_path / "cfg" / "c.yaml").write_text("model:\n  path: owner/decoder\n  options:\n    prior: ./prior\n")
+    cfg = load_config(tmp_path / "cfg" / "c.yaml")
+    assert cfg.model.options["prior"] == str(tmp_path / "cfg" / "prior")
+    assert load_config(None, ["model.options.prior=owner/prior"]).model.options["prior"] == "owner/prior"
+    cfg = load_config(tmp_path / "cfg" / "c.yaml", ["model.options.prior=./nope", f"output_dir={tmp_path / 'out'}"])
+    with pytest.raises(ConfigError, match=r"model.options.prior: not found: .*nope"):
+        validate(cfg)

@@ -35,7 +35,7 @@ def disc_images(tmp_path_factory) -> Path:
 
 
 def overrides(model: Path, data: Path, out: Path, steps: int = 4, **extra) -> list[str]:
-    return base_overrides(model, data, out, steps, **{"objective.max_sequence_length": SEQ, **extra})
+    return base_overrides(model, data, out, steps, **{"model.options.max_sequence_length": SEQ, **extra})
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +176,7 @@ def test_loss_weightings_match_sd3():
 
 def test_predict_is_the_pipelines_own_denoising_step(tiny_flux, tmp_path):
     """One Euler step of FluxPipeline from known latents reveals its velocity; `predict` must agree."""
-    family = family_for(tiny_flux, tmp_path, **{"objective.guidance": 3.5})
+    family = family_for(tiny_flux, tmp_path, **{"model.options.guidance": 3.5})
     pipe = load_pipe(tiny_flux)
     latents = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -188,7 +188,7 @@ def test_predict_is_the_pipelines_own_denoising_step(tiny_flux, tmp_path):
     assert 0.6 < sigma < 1.0
     assert torch.allclose(flux_module.pack(mine), velocity, atol=1e-4)
     # guidance reaches the transformer: another value, another prediction
-    family.cfg.objective.guidance = 1.0
+    family.options.guidance = 1.0
     with torch.no_grad():
         other = family.predict(latents, torch.tensor([sigma]), family.encode_prompts([PROMPT]))
     assert (other - mine).abs().max() > 1e-4
@@ -477,7 +477,7 @@ def test_shipped_flux_configs_validate(tmp_path):
 
 
 def test_max_sequence_length_is_checked_before_loading(tiny_flux, tmp_path):
-    cfg = load_config(None, overrides(tiny_flux, tmp_path, tmp_path / "o", **{"objective.max_sequence_length": 600}))
+    cfg = load_config(None, overrides(tiny_flux, tmp_path, tmp_path / "o", **{"model.options.max_sequence_length": 600}))
     with pytest.raises(DifftuneError, match="max_sequence_length"):
         Flux(cfg, torch.device("cpu"), torch.float32)
 
@@ -535,6 +535,8 @@ CONTRACT_CONFIG = """\
 model:
   path: {model}
   family: auto
+  options:
+    max_sequence_length: 16
 method:
   kind: {kind}
   rank: 4
@@ -545,8 +547,6 @@ data:
     - dir: {data}
       prompt: "a photo of sks disc"
       repeats: 1
-objective:
-  max_sequence_length: 16
 train:
   steps: 3
   batch_size: 2

@@ -75,7 +75,7 @@ def flux_lora(tiny_flux, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("flux-lora")
     data = make_images(root / "data", caption=PROMPT)
     return train(load_config(None, base_overrides(tiny_flux, data, root / "run", steps=3, **{
-        "method.rank": 4, "train.lr": "3e-2", "objective.max_sequence_length": 16})), log=quiet)
+        "method.rank": 4, "train.lr": "3e-2", "model.options.max_sequence_length": 16})), log=quiet)
 
 
 # ---- ControlNet ------------------------------------------------------------------------------------------

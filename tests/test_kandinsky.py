@@ -122,7 +122,7 @@ def data(tmp_path_factory) -> Path:
 def shipped(name: str, k22: Path, data: Path, out: Path, steps: int = 2, **extra) -> tuple[str, list[str]]:
     """A shipped config run on the tiny pair: only paths, sizes and lengths are overridden."""
     part = "decoder" if "decoder" in name else "prior"
-    other = {"decoder": ("model.prior", k22 / "prior"), "prior": ("model.decoder", k22 / "decoder")}[part]
+    other = {"decoder": ("model.options.prior", k22 / "prior"), "prior": ("model.options.decoder", k22 / "decoder")}[part]
     items = {other[0]: other[1], "train.grad_accum": 1, "validation.steps": 2, **extra}
     return str(CONFIGS / f"kandinsky22-{name}.yaml"), base_overrides(k22 / part, data, out, steps=steps, **items)
 
@@ -170,9 +170,9 @@ def test_shipped_configs_are_the_seed_runs(name):
     assert cfg.model.family == f"kandinsky22-{part}" and cfg.method.kind == kind
     assert cfg.model.path == f"kandinsky-community/kandinsky-2-2-{part}"
     if part == "decoder":
-        assert cfg.model.prior == "kandinsky-community/kandinsky-2-2-prior"
+        assert cfg.model.options["prior"] == "kandinsky-community/kandinsky-2-2-prior"
     else:
-        assert cfg.model.decoder == "kandinsky-community/kandinsky-2-2-decoder"
+        assert cfg.model.options["decoder"] == "kandinsky-community/kandinsky-2-2-decoder"
     t = cfg.train
     assert (cfg.data.resolution, t.batch_size, t.grad_accum, t.steps, t.seed) == (768, 1, 4, 15000, 42)
     assert (t.lr_scheduler, t.lr_warmup_steps, t.max_grad_norm, cfg.checkpoint.keep) == ("constant", 0, 1.0, 3)
@@ -244,7 +244,7 @@ def test_init_lora_continues_from_a_decoder_lora_file(decoder_lora, k22, data, t
 
 def test_decoder_lora_resumes_bit_exactly(k22, data, tmp_path):
     overrides = lambda out, steps: base_overrides(k22 / "decoder", data, out, steps=steps, **{  # noqa: E731
-        "model.prior": k22 / "prior", "checkpoint.every": 2})
+        "model.options.prior": k22 / "prior", "checkpoint.every": 2})
     whole, _ = run(None, overrides(tmp_path / "whole", 4))
     run(None, overrides(tmp_path / "split", 2))
     split, _ = run(None, overrides(tmp_path / "split", 4))
@@ -265,7 +265,7 @@ def test_cached_image_embeddings_follow_the_prior_image_encoder(k22, data, tmp_p
     def encoded(out: str) -> str:
         lines.clear()
         run(None, base_overrides(k22 / "decoder", data, tmp_path / out, steps=1, **{
-            "model.prior": prior, "data.cache_dir": tmp_path / "cache"}), log=lines.append)
+            "model.options.prior": prior, "data.cache_dir": tmp_path / "cache"}), log=lines.append)
         (line,) = [s for s in lines if s.startswith("image features:")]
         return line
 
@@ -297,7 +297,7 @@ def test_prior_lora_loads_with_load_lora_adapter_and_changes_embeddings(prior_lo
     (config,) = pipe.prior.peft_config.values()
     assert config.r == 4 and config.lora_alpha == 8
     assert (prior_embeds(pipe) - base).abs().max() > 1e-4
-    assert (out / "samples" / "step-00000003" / "00-00.png").is_file(), "validation images via model.decoder"
+    assert (out / "samples" / "step-00000003" / "00-00.png").is_file(), "validation images via model.options.decoder"
 
 
 # ---- full fine-tunes ---------------------------------------------------------------------------------------------
@@ -368,7 +368,7 @@ def test_decoder_lora_learns_its_image(k22, tmp_path):
     # it fit in a few dozen steps (peft conv LoRA, saved and loaded like the linear ones)
     data = make_images(tmp_path / "data", n=1, caption=PROMPT)
     out, _ = run(None, base_overrides(k22 / "decoder", data, tmp_path / "out", steps=30, **{
-        "model.prior": k22 / "prior", "method.rank": 16, "train.lr": "1e-2", "train.batch_size": 1,
+        "model.options.prior": k22 / "prior", "method.rank": 16, "train.lr": "1e-2", "train.batch_size": 1,
         "method.target_modules": "[to_q, to_k, to_v, to_out.0, add_k_proj, add_v_proj, conv_in, conv_out]"}))
     image = data / "img-00.png"
     pipe, prior = load("KandinskyV22Pipeline", k22 / "decoder"), load("KandinskyV22PriorPipeline", k22 / "prior")
@@ -429,9 +429,9 @@ def test_generate_with_tuned_parts_differs_and_reproduces(decoder_lora, prior_lo
 
 def test_user_errors_are_one_line_difftune_errors(k22, data, tmp_path):
     cases = [
-        ("decoder-lora", {"model.prior": ""}, "model.prior is required"),
-        ("decoder-lora", {"model.prior": k22 / "decoder"}, "expected a KandinskyV22PriorPipeline"),
-        ("prior-lora", {"model.decoder": ""}, "validation.prompts"),
+        ("decoder-lora", {"model.options.prior": ""}, "model.options.prior is required"),
+        ("decoder-lora", {"model.options.prior": k22 / "decoder"}, "expected a KandinskyV22PriorPipeline"),
+        ("prior-lora", {"model.options.decoder": ""}, "validation.prompts"),
         ("prior-full", {"train.gradient_checkpointing": True}, "gradient_checkpointing"),
         ("prior-lora", {"method.train_text_encoder": True}, "train_text_encoder"),
         ("decoder-lora", {"objective.prediction_type": "v_prediction"}, "prediction_type"),
@@ -499,10 +499,10 @@ def make_foreign_kandinsky(out: Path) -> tuple[Path, Path]:
 def test_pipelines_the_project_did_not_make(tmp_path):
     prior, decoder = make_foreign_kandinsky(tmp_path / "foreign")
     data = make_images(tmp_path / "data", n=2, caption=PROMPT)
-    dec_lora, _ = run(None, base_overrides(decoder, data, tmp_path / "dl", steps=2, **{"model.prior": prior}))
+    dec_lora, _ = run(None, base_overrides(decoder, data, tmp_path / "dl", steps=2, **{"model.options.prior": prior}))
     pri_lora, _ = run(None, base_overrides(prior, data, tmp_path / "pl", steps=2))
     dec_full, _ = run(None, base_overrides(decoder, data, tmp_path / "df", steps=2, **{
-        "model.prior": prior, "method.kind": "full", "train.lr": "1e-4"}))
+        "model.options.prior": prior, "method.kind": "full", "train.lr": "1e-4"}))
 
     base_prior, base_dec = load("KandinskyV22PriorPipeline", prior), load("KandinskyV22Pipeline", decoder)
     embeds = prior_embeds(base_prior)

@@ -15,7 +15,7 @@ from difftune.config import ConfigError, load_config, validate
 from difftune.data.dataset import TrainingData, build_items
 from difftune.data.mix import mixed_sources
 from difftune.families.registry import resolve_family
-from difftune.train import _micro_step, attach_method, train
+from difftune.train import attach_method, micro_step, train
 from difftune.world import scenes
 
 
@@ -129,11 +129,12 @@ def test_prior_preservation_batches_and_weighted_loss(tmp_path, tiny_sd):
 
     features = ImageFeatures(family, data, None, contextlib.nullcontext)
     batch = data.batch(0, pixels=False)
+    with torch.no_grad():
+        inputs = {**features(batch["views"]), **family.encode_prompts(batch["prompts"])}
 
     def loss(weights):
         with torch.no_grad():
-            return _micro_step(family, family.make_objective(), {**batch, "loss_weights": weights}, features,
-                               family.encode_prompts, seed=7)
+            return micro_step(family, family.make_objective(), inputs, seed=7, loss_weights=weights)
 
     is_class = [Path(p).parent == classes for p in batch["paths"]]
     inst_loss = loss([0.0 if c else 0.5 for c in is_class])

@@ -59,7 +59,7 @@ def test_kandinsky_report_commands_run_as_written(k22, tmp_path, part, monkeypat
     the prior's go through a decoder."""
     data = make_images(tmp_path / "data", caption="a photo of sks disc")
     out = tmp_path / "run"
-    extra = {"model.prior": str(k22 / "prior")} if part == "decoder" else {"model.decoder": str(k22 / "decoder")}
+    extra = {"model.options.prior": str(k22 / "prior")} if part == "decoder" else {"model.options.decoder": str(k22 / "decoder")}
     train(load_config(None, small(k22 / part, data, out, **extra)), log=quiet, progress="off")
     text = (out / "report.md").read_text()
     assert "load_lora_weights" not in text

@@ -135,14 +135,14 @@ def test_keep_one_with_crash_mid_save_keeps_a_loadable_checkpoint(tmp_path, tiny
 def test_nonfinite_step_is_skipped_and_named(tmp_path, tiny_sd, data, monkeypatch):
     import difftune.train as t
 
-    original, calls = t._micro_step, {"n": 0}
+    original, calls = t.micro_step, {"n": 0}
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         loss = original(*args, **kwargs)
         return loss * float("nan") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(t, "_micro_step", poisoned)
+    monkeypatch.setattr(t, "micro_step", poisoned)
     lines = []
     out = train(load_config(None, overrides(tiny_sd, data, tmp_path / "out")), log=lines.append)
     skipped = [line for line in lines if "non-finite" in line]
@@ -154,8 +154,8 @@ def test_nonfinite_step_is_skipped_and_named(tmp_path, tiny_sd, data, monkeypatc
 def test_nonfinite_k_in_a_row_stops(tmp_path, tiny_sd, data, monkeypatch):
     import difftune.train as t
 
-    original = t._micro_step
-    monkeypatch.setattr(t, "_micro_step", lambda *a, **k: original(*a, **k) * float("nan"))
+    original = t.micro_step
+    monkeypatch.setattr(t, "micro_step", lambda *a, **k: original(*a, **k) * float("nan"))
     with pytest.raises(DifftuneError, match="2 steps in a row had non-finite"):
         train(load_config(None, overrides(tiny_sd, data, tmp_path / "out", **{"train.max_nonfinite_steps": 2})), log=quiet)
     assert not (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
@@ -205,7 +205,7 @@ def test_resume_refuses_a_changed_method_and_honours_never(tmp_path, tiny_sd, da
 def test_flux_sigkill_mid_accumulation_then_rerun_is_bit_identical(tmp_path, data, tiny_flux):
     """The same guarantee for a second family (flow matching, packed latents, released T5)."""
     model = tiny_flux
-    extra = {"objective.max_sequence_length": 16, "objective.timestep_sampling": "logit_normal"}
+    extra = {"model.options.max_sequence_length": 16, "objective.timestep_sampling": "logit_normal"}
     reference_out, out = tmp_path / "reference", tmp_path / "out"
     train(load_config(None, overrides(model, data, reference_out, **extra)), log=quiet)
     args = overrides(model, data, out, **extra)

@@ -294,7 +294,7 @@ def test_overrides_reach_the_model_configs(tmp_path):
 
 def test_bad_family_or_override_is_a_user_error(tmp_path):
     with pytest.raises(DifftuneError, match="unknown model family"):
-        tiny.make_tiny("sdxl", tmp_path / "x")
+        tiny.make_tiny("sd9", tmp_path / "x")
     with pytest.raises(DifftuneError, match="guidance_embeds"):
         tiny.make_tiny("sd", tmp_path / "x", guidance_embeds=False)
     assert not (tmp_path / "x").exists()
@@ -310,4 +310,4 @@ def test_cli_builds_the_pipeline(tmp_path, capsys):
     for part in ("prior", "decoder"):
         assert (tmp_path / "k22" / part / "model_index.json").is_file()
     with pytest.raises(SystemExit):
-        parser.parse_args(["sdxl", str(tmp_path / "x")])
+        parser.parse_args(["sd9", str(tmp_path / "x")])

@@ -23,7 +23,6 @@ deleted only after the new one is complete, and the newest complete one is never
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -32,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from . import DifftuneError
+from .run_layout import RunLayout
+from .util.atomic import file_sha256, fsync_dir, fsync_file
 
 MARKER = "COMPLETE.json"
 PREFIX = "step-"
@@ -48,33 +49,7 @@ class Checkpoint:
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "checkpoints"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    with path.open("rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    return RunLayout(output_dir).checkpoints
 
 
 def verify(path: Path) -> str | None:
@@ -93,7 +68,7 @@ def verify(path: Path) -> str | None:
             return f"{name} is missing"
         if f.stat().st_size != info["bytes"]:
             return f"{name} has {f.stat().st_size} bytes, expected {info['bytes']} (truncated)"
-        if _sha256(f) != info["sha256"]:
+        if file_sha256(f) != info["sha256"]:
             return f"{name} does not match its checksum (corrupted)"
     return None
 
@@ -172,14 +147,14 @@ def seal_checkpoint(output_dir: str | Path, tmp: Path, final: Path, step: int, k
     try:
         files = {}
         for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            _fsync_file(f)
-            files[f.relative_to(tmp).as_posix()] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+            fsync_file(f)
+            files[f.relative_to(tmp).as_posix()] = {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
         for d in sorted(p for p in tmp.rglob("*") if p.is_dir()):
-            _fsync_dir(d)
+            fsync_dir(d)
         marker = tmp / MARKER
         marker.write_text(json.dumps({"step": step, "files": files}, indent=1))
-        _fsync_file(marker)
-        _fsync_dir(tmp)
+        fsync_file(marker)
+        fsync_dir(tmp)
         if final.exists():  # a rerun that saves the same step again: replace it only now
             old = root / f".old-{final.name}-{os.getpid()}"
             os.replace(final, old)
@@ -187,7 +162,7 @@ def seal_checkpoint(output_dir: str | Path, tmp: Path, final: Path, step: int, k
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except OSError as e:
         raise write_failed(tmp, step, root, e) from None
     apply_retention(output_dir, keep)

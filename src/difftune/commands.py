@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from .data.check import EXAMPLES as DATA_EXAMPLES  # noqa: F401 (the `data` command's help)
+from .data.check import add_arguments as add_data_arguments  # noqa: F401
+
 TRAIN_EXAMPLES = """examples:
   difftune train configs/sd15-dreambooth-lora.yaml
   difftune train configs/sd15-dreambooth-lora.yaml train.lr=5e-5 train.steps=2000 output_dir=runs/dog-v2
@@ -66,3 +69,21 @@ def run_config(args: argparse.Namespace) -> int:
     print(f"{args.config}: ok ({checked.family.name}, {len(checked.items)} training images, "
           f"resolution multiple {checked.multiple})")
     return 0
+
+
+def local_resolution_multiple(model) -> int | None:
+    """The side multiple of a config's model when it is a local folder (no download), else None."""
+    from pathlib import Path
+
+    if not (model.path and Path(model.path).is_dir()):
+        return None
+    from .families.registry import resolve_family
+
+    return resolve_family(model.path, model.family, model.revision).resolution_multiple(model.path, model.revision)
+
+
+def run_data(args: argparse.Namespace) -> int:
+    """`difftune data check`: data/check.py, told the model's side multiple by the family registry."""
+    from .data.check import run
+
+    return run(args, local_resolution_multiple)

@@ -27,17 +27,26 @@ class ConfigError(DifftuneError):
     """A config file or override that cannot be used. The message names the key."""
 
 
-def _f(default: Any = dataclasses.MISSING, doc: str = "", factory: Any = dataclasses.MISSING, path: str | None = None):
+def _f(default: Any = dataclasses.MISSING, doc: str = "", factory: Any = dataclasses.MISSING,
+       resume_locked: bool = False, path: str | None = None):
     """A dataclass field with a docstring kept in its metadata.
 
-    `path` marks fields that hold paths (see `resolve_path`): ``"local"`` for files and folders,
-    ``"local_or_hub"`` for values that may also be a Hugging Face hub id, ``"resume"`` for
-    `checkpoint.resume` (a path unless `auto` / `never`).
+    `resume_locked`: a run may not resume with another value (used by family options; the core sections
+    list theirs in train.RESUME_LOCKED). `path` marks fields that hold paths (see `resolve_path`):
+    ``"local"`` for files and folders, ``"local_or_hub"`` for values that may also be a Hugging Face hub
+    id, ``"resume"`` for `checkpoint.resume` (a path unless `auto` / `never`), ``"options"`` for
+    ``model.options`` (each key by the family option field of that name).
     """
-    metadata = {"doc": doc, "path": path} if path else {"doc": doc}
+    metadata = {"doc": doc, "resume_locked": resume_locked}
+    if path:
+        metadata["path"] = path
     if factory is not dataclasses.MISSING:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+#: for the option dataclasses of families and methods: a documented config field
+doc_field = _f
 
 
 @dataclass
@@ -47,21 +56,15 @@ class ModelConfig:
     path: str = _f("", "Hub id (e.g. `black-forest-labs/FLUX.1-dev`) or a local diffusers pipeline folder.",
                    path="local_or_hub")
     family: str = _f(
-        "auto",
-        "`auto` reads `model_index.json`; or one of `sd`, `flux`, `kandinsky22-prior`, `kandinsky22-decoder`.",
+        "auto", "`auto` reads `model_index.json`; or a family name (`difftune train --help` lists them)."
     )
     revision: Optional[str] = _f(None, "Hub revision (branch, tag or commit) to load.")
     variant: Optional[str] = _f(None, "Weight variant to load, e.g. `fp16`.")
-    prior: Optional[str] = _f(
-        None,
-        "Kandinsky 2.2 decoder only: the prior pipeline whose CLIP image encoder makes the decoder's "
-        "conditioning embeddings.",
-        path="local_or_hub",
-    )
-    decoder: Optional[str] = _f(
-        None,
-        "Kandinsky 2.2 prior only: a decoder pipeline that turns the prior's embeddings into validation images.",
-        path="local_or_hub",
+    options: dict = _f(
+        factory=dict,
+        doc="The family's own options (`model.options.KEY`); each family's keys are listed below under "
+        "**model.options (FAMILY)**. An unknown key is an error.",
+        path="options",
     )
 
 
@@ -69,7 +72,7 @@ class ModelConfig:
 class MethodConfig:
     """How the model is adapted."""
 
-    kind: Literal["lora", "full"] = _f("lora", "`lora` trains low-rank adapters; `full` trains every weight.")
+    kind: str = _f("lora", "The training method, one of those in the **methods** table below.")
     rank: int = _f(16, "LoRA rank.")
     alpha: Optional[float] = _f(None, "LoRA alpha (scale = alpha / rank); defaults to the rank.")
     dropout: float = _f(0.0, "LoRA dropout probability.")
@@ -85,6 +88,14 @@ class MethodConfig:
         None, "Start from an existing LoRA (a folder or .safetensors file); rank and targets must match.",
         path="local",
     )
+
+    def __post_init__(self):
+        from .methods import method_kinds
+
+        if self.kind not in method_kinds():
+            close = difflib.get_close_matches(str(self.kind), method_kinds(), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"method.kind: {self.kind!r} is not one of {', '.join(map(repr, method_kinds()))}{hint}")
 
 
 @dataclass
@@ -171,10 +182,6 @@ class ObjectiveConfig:
         "it uses dynamic shifting, else the scheduler's `shift`.",
     )
     weighting: Literal["none", "sigma_sqrt", "cosmap"] = _f("none", "Flow matching: loss weighting scheme.")
-    guidance: float = _f(1.0, "Guidance-distilled models (FLUX.1-dev): the guidance value fed while training.")
-    max_sequence_length: Optional[int] = _f(
-        None, "Text tokens for T5-style encoders; default the family's (512 for FLUX.1-dev)."
-    )
 
 
 @dataclass
@@ -370,6 +377,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
     if origin is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is dict:
+        return "mapping"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -408,6 +417,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {tp.__name__} keys, got {value!r}")
@@ -441,6 +454,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 def _unknown_key(cls, name: str, prefix: str) -> ConfigError:
     valid = [f.name for f in dataclasses.fields(cls)]
     where = f"{prefix}.{name}" if prefix else name
+    moved = moved_keys().get(where)
+    if moved:
+        return ConfigError(f"config key {where!r} is now {moved!r}; rename it in your config")
     close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
     hint = f"; did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
     return ConfigError(f"unknown config key {where!r}{hint} (valid keys here: {', '.join(valid)})")
@@ -455,6 +471,21 @@ def _build(cls, data: dict, prefix: str = ""):
             raise _unknown_key(cls, str(name), prefix)
         kwargs[name] = _convert(value, hints[name], f"{prefix}.{name}" if prefix else name)
     return cls(**kwargs)
+
+
+def moved_keys() -> dict[str, str]:
+    """Old config key -> its new name, as the family folders declare them (``options.py``'s ``MOVED``)."""
+    from .families.registry import folder_module, folders
+
+    moved: dict[str, str] = {}
+    for folder in folders():
+        moved.update(getattr(folder_module(folder, "options"), "MOVED", {}))
+    return moved
+
+
+def build_options(cls: Any, data: dict, prefix: str = "model.options") -> Any:
+    """A family's typed options (dataclass `cls`) from ``model.options``, as strictly as the rest."""
+    return _build(cls, data or {}, prefix)
 
 
 def to_dict(cfg: Any) -> dict:
@@ -499,8 +530,27 @@ def resolve_path(value: Any, kind: str, base: Path) -> Any:
     return os.path.normpath(os.path.abspath(base / p))
 
 
+def option_path_kinds() -> dict[str, str]:
+    """``model.options`` key -> its path kind, for the keys some family's options declare as paths
+    (the family is not known when a config is read, so the keys of all families count)."""
+    from .families.registry import folder_module, folders
+
+    kinds: dict[str, str] = {}
+    for folder in folders():
+        module = folder_module(folder, "options")
+        for obj in vars(module).values() if module else ():
+            if isinstance(obj, type) and dataclasses.is_dataclass(obj):
+                kinds.update({f.name: f.metadata["path"] for f in dataclasses.fields(obj) if f.metadata.get("path")})
+    return kinds
+
+
 def _resolve_paths(value: Any, tp: Any, kind: str | None, base: Path) -> Any:
     """Apply `resolve_path` to every path field in the plain data `value` of schema type `tp`."""
+    if kind == "options":
+        if not isinstance(value, dict):
+            return value
+        kinds = option_path_kinds()
+        return {k: resolve_path(v, kinds[k], base) if k in kinds else v for k, v in value.items()}
     if kind:
         return resolve_path(value, kind, base)
     if typing.get_origin(tp) is list and isinstance(value, list):
@@ -519,6 +569,8 @@ def _schema_at(path: list[str]) -> tuple[Any, str | None]:
     tp: Any = Config
     kind = None
     for part in path:
+        if kind == "options":  # model.options.KEY: the path kind some family gives KEY
+            return None, option_path_kinds().get(part)
         if typing.get_origin(tp) is list:
             (tp,) = typing.get_args(tp)
             kind = None
@@ -579,6 +631,14 @@ def apply_override(data: dict, path: list[str], value: Any) -> None:
             node[part] = value
             return
         tp = _hints(cls)[part]
+        if tp is dict:  # a free mapping (model.options), checked against its family later
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{'.'.join(path[: depth + 1])} must be a mapping")
+            for key in path[depth + 1 : -1]:
+                node = node.setdefault(key, {})
+            node[path[-1]] = value
+            return
         if typing.get_origin(tp) is list:
             (item,) = typing.get_args(tp)
             node = node.setdefault(part, [])
@@ -634,8 +694,10 @@ def validate(cfg: Config, *, resolution_multiple: int | None = None, check_paths
     if not cfg.model.path:
         problems.append("model.path is required (a hub id or a local diffusers pipeline folder)")
     if check_paths:
-        for key, value in (("model.path", cfg.model.path), ("model.prior", cfg.model.prior),
-                           ("model.decoder", cfg.model.decoder), ("method.init_lora", cfg.method.init_lora)):
+        option_paths = option_path_kinds()
+        for key, value in (("model.path", cfg.model.path), ("method.init_lora", cfg.method.init_lora),
+                           *((f"model.options.{k}", v) for k, v in cfg.model.options.items()
+                             if k in option_paths and isinstance(v, str))):
             if value and looks_local(value) and not Path(value).exists():
                 problems.append(f"{key}: not found: {value} ({PATH_RULE})")
     if not cfg.output_dir:
@@ -730,7 +792,7 @@ def reference_markdown() -> str:
     """The config reference (every key, its type, default and meaning) as Markdown, for the README."""
     lines: list[str] = []
 
-    def section(cls, prefix: str) -> None:
+    def section(cls, prefix: str, title: str | None = None) -> None:
         hints = _hints(cls)
         rows = []
         nested = []
@@ -752,7 +814,7 @@ def reference_markdown() -> str:
             shown = "" if default in ("", None, []) else f"`{default}`"
             rows.append(f"| `{key}` | {_type_name(tp)} | {shown} | {f.metadata.get('doc', '')} |")
         if rows:
-            lines.append(f"**{prefix.rstrip('.') or 'top level'}** — {(cls.__doc__ or '').strip()}\n")
+            lines.append(f"**{title or prefix.rstrip('.') or 'top level'}** — {(cls.__doc__ or '').strip()}\n")
             lines.append("| key | type | default | meaning |")
             lines.append("| --- | --- | --- | --- |")
             lines.extend(rows)
@@ -761,4 +823,13 @@ def reference_markdown() -> str:
             section(tp, p)
 
     section(Config, "")
+    from .families.registry import FAMILIES, get_family
+    from .methods import get_method_class, method_kinds
+
+    lines += ["**methods** — what `method.kind` chooses.\n", "| method.kind | what it trains |", "| --- | --- |"]
+    for kind in method_kinds():
+        lines.append(f"| `{kind}` | {' '.join((get_method_class(kind).__doc__ or '').split(chr(10) + chr(10))[0].split())} |")
+    lines.append("")
+    for name in FAMILIES:  # each family's own model.options
+        section(get_family(name).options_class, "model.options.", f"model.options ({name})")
     return "\n".join(lines)

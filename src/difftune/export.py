@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import DifftuneError
 from .formats.kohya import LoraWeights, from_kohya, to_kohya
+from .run_layout import LORA_FILE, RunLayout
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -41,7 +42,7 @@ LORA is a difftune output_dir (its config.yaml tells the model family) or a .saf
 pipe.load_lora_weights("stalenhag.safetensors").
 """
 
-DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+DIFFUSERS_FILE = LORA_FILE
 _DIFFUSERS_SUFFIXES = {
     ".lora_A.weight": "down", ".lora_B.weight": "up",
     ".lora.down.weight": "down", ".lora.up.weight": "up",
@@ -215,7 +216,7 @@ def family_for(src: Path, family: str = "auto") -> Any:
 
     if family != "auto":
         return get_family(family)
-    config = (src if src.is_dir() else src.parent) / "config.yaml"
+    config = RunLayout(src if src.is_dir() else src.parent).config
     hint = "pass --family (e.g. --family flux or --family sd)"
     if not config.is_file():
         raise DifftuneError(f"cannot tell which model family {src} is for (no difftune config.yaml beside it); {hint}")

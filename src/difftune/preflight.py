@@ -64,6 +64,7 @@ def check_run(cfg: Config, log: Callable[[str], None] = print) -> Checked:
     family = resolve_family(cfg.model.path, cfg.model.family, cfg.model.revision)
     multiple = family.resolution_multiple(cfg.model.path, cfg.model.revision)
     validate(cfg, resolution_multiple=multiple)
+    family.options_for(cfg)  # the family's model.options, checked before anything loads
     if cfg.train.precision == "fp16":
         import torch
 

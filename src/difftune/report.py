@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .run_layout import RunLayout
+
 
 def _loss_summary(losses: list[dict]) -> str:
     if not losses:
@@ -35,18 +37,19 @@ def usage(output_dir: str | Path):
     """The family's `Usage` (generate command, Python script) for a finished run's output folder."""
     import yaml
 
-    out = Path(output_dir)
-    cfg = yaml.safe_load((out / "config.yaml").read_text())
-    return family_of(cfg).usage(out, cfg)
+    layout = RunLayout(output_dir)
+    cfg = yaml.safe_load(layout.config.read_text())
+    return family_of(cfg).usage(layout.root, cfg)
 
 
 def write_report(output_dir: str | Path, facts: dict | None = None) -> Path:
     """Write ``report.md`` in `output_dir`; `facts` adds figures only the run knew (timings, counts)."""
     import yaml
 
-    out = Path(output_dir)
-    cfg = yaml.safe_load((out / "config.yaml").read_text())
-    losses_path = out / "logs" / "loss.jsonl"
+    layout = RunLayout(output_dir)
+    out = layout.root
+    cfg = yaml.safe_load(layout.config.read_text())
+    losses_path = layout.loss_log
     losses = [json.loads(line) for line in losses_path.read_text().splitlines() if line.strip()] if losses_path.exists() else []
     facts = facts or {}
     model, method = cfg["model"], cfg["method"]
@@ -68,12 +71,12 @@ def write_report(output_dir: str | Path, facts: dict | None = None) -> Path:
     usage = family.usage(out, cfg)
     lines += ["", "## Use it", "", "```bash", usage.command, "```", "", "In Python:", "", "```python",
               usage.python.rstrip("\n"), "```"]
-    samples = sorted((out / "samples").glob("step-*/*.png")) if (out / "samples").exists() else []
+    samples = sorted(layout.samples.glob("step-*/*.png")) if layout.samples.exists() else []
     if samples:
         lines += ["", "## Samples", ""]
         for path in samples:
             lines.append(f"![{path.parent.name}/{path.name}]({path.relative_to(out).as_posix()})")
-    lines += ["", "Logs: `tensorboard --logdir " + str(out / "logs") + "`; per-step numbers in `logs/loss.jsonl`.", ""]
-    report = out / "report.md"
+    lines += ["", "Logs: `tensorboard --logdir " + str(layout.logs) + "`; per-step numbers in `" + str(layout.loss_log.relative_to(out)) + "`.", ""]
+    report = layout.report
     report.write_text("\n".join(lines), encoding="utf-8")
     return report

@@ -1,6 +1,6 @@
 """Speed and memory switches: the ``speed:`` config section, applied in one place.
 
-train.py (and bench.py, which times the same step) calls three functions, in this order:
+train.py (and bench/runners.py, which times the same step) calls three functions, in this order:
 
 1. `setup(cfg, device)` once the accelerator exists and *before any model is loaded*: checks that
    every switch can run on this machine (a one-line `DifftuneError` naming what is missing, so a
@@ -22,7 +22,7 @@ from __future__ import annotations
 import shutil
 from typing import TYPE_CHECKING, Any, Iterable
 
-import torch  # this module is imported by train.py and bench.py at run time only, never by the CLI
+import torch  # this module is imported by train.py and bench/ at run time only, never by the CLI
 
 from . import DifftuneError
 from .methods import get_method_class
@@ -70,11 +70,10 @@ def setup(cfg: "Config", device: torch.device) -> None:
     """Check that every speed switch can run on `device`, then set the global matmul flags."""
     s = cfg.speed
     cuda = device.type == "cuda"
-    if s.base_weights != "auto" and not get_method_class(cfg.method.kind).adapter:
+    if s.base_weights != "auto" and not get_method_class(cfg.method.kind).low_precision_base:
         raise DifftuneError(
-            f"speed.base_weights={s.base_weights} stores the frozen base weights in low precision, which only "
-            f"adapter methods (LoRA) have, not method.kind={cfg.method.kind}; use method.kind=lora or "
-            "speed.base_weights=auto"
+            f"speed.base_weights={s.base_weights} stores the frozen base weights in low precision, which "
+            f"method.kind={cfg.method.kind} cannot use; use method.kind=lora or speed.base_weights=auto"
         )
     if s.base_weights == "nf4":
         try:

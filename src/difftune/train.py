@@ -32,6 +32,8 @@ from .methods import get_method
 from .progress import TrainProgress, quiet_diffusers_bars
 from .reports import logs
 from .reports.run_page import refresh_run_report, write_run_facts
+from .run_layout import RunLayout
+from .util.atomic import atomic_write_text
 from .validation import ValidationLoss, validation_items
 
 #: exit code of a run stopped by SIGTERM / SIGINT after saving a checkpoint ("try again later")
@@ -39,7 +41,7 @@ EXIT_INTERRUPTED = 75
 
 #: config sections / keys that must not change when resuming (weights would not fit or mean else)
 RESUME_LOCKED = {
-    "model": ("path", "family", "revision", "variant", "prior"),
+    "model": ("path", "family", "revision", "variant"),
     "method": ("kind", "rank", "alpha", "target_modules", "train_text_encoder"),
 }
 
@@ -62,14 +64,21 @@ def _dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
 
 
-def check_resume_compatible(saved: Config, cfg: Config, where: Path) -> None:
-    """Refuse a resume whose config change would make the saved weights meaningless."""
+def check_resume_compatible(saved: Config, cfg: Config, where: Path, options_class: type | None = None) -> None:
+    """Refuse a resume whose config change would make the saved weights meaningless. Besides
+    `RESUME_LOCKED`, the family's options marked ``resume_locked`` (`options_class`) may not change."""
+    import dataclasses
+
     changes = []
     for section, keys in RESUME_LOCKED.items():
         for key in keys:
             old, new = getattr(getattr(saved, section), key), getattr(getattr(cfg, section), key)
             if old != new:
                 changes.append(f"{section}.{key}: {old!r} -> {new!r}")
+    for f in dataclasses.fields(options_class) if options_class else ():
+        old, new = saved.model.options.get(f.name), cfg.model.options.get(f.name)
+        if f.metadata.get("resume_locked") and old != new:
+            changes.append(f"model.options.{f.name}: {old!r} -> {new!r}")
     if changes:
         raise DifftuneError(
             f"cannot resume from {where}: the config changed what was trained ({'; '.join(changes)}). "
@@ -101,7 +110,9 @@ def find_resume(cfg: Config, log) -> Path | None:
 # -----------------------------------------------------------------------------------------------
 
 
-def _make_optimizer(cfg: Config, groups: list[dict]):
+def make_optimizer(cfg: Config, groups: list[dict]):
+    """The optimizer of `cfg.train` over the parameter `groups`. Shared with the bench (`difftune.bench`),
+    which times this very step."""
     import torch
 
     from . import speed
@@ -189,13 +200,15 @@ def _train(cfg: Config, checked, log, progress_mode: str) -> Path:
     from . import parallel, speed
     from .data.cache import FeatureStore, ImageFeatures, PromptFeatures
     from .data.dataset import TrainingData, build_items
+    from .data.features import FeatureRoute
     from .data.mix import mixed_sources
     from .objectives.preserve import make_terms
     from .preflight import check_steps
 
     quiet_diffusers_bars()
     family_cls, multiple, items = checked.family, checked.multiple, checked.items
-    out = Path(cfg.output_dir)
+    layout = RunLayout(cfg.output_dir)
+    out = layout.root
     out.mkdir(parents=True, exist_ok=True)
 
     par = parallel.setup(cfg)  # the strategy (DDP, FSDP, DeepSpeed) and the processes; fails early if it cannot run
@@ -209,7 +222,8 @@ def _train(cfg: Config, checked, log, progress_mode: str) -> Path:
     if resumed:
         import yaml
 
-        check_resume_compatible(config_from_dict(yaml.safe_load(resumed["config_yaml"])), cfg, resume_from)
+        saved = config_from_dict(yaml.safe_load(resumed["config_yaml"]))
+        check_resume_compatible(saved, cfg, resume_from, family_cls.options_class)
         check_steps(cfg, resumed["state"]["step"], resume_from)
 
     # own concepts, plus replayed runs' concepts and class images (drawn now if missing), data/mix.py
@@ -224,7 +238,7 @@ def _train(cfg: Config, checked, log, progress_mode: str) -> Path:
     items = items + [i for i in extra if i.concept >= own]
     data = TrainingData(items, data_cfg, multiple, cfg.train.batch_size, cfg.train.seed, companions)
     if main:
-        (out / "config.yaml").write_text(_dump_yaml(cfg))
+        atomic_write_text(layout.config, _dump_yaml(cfg))
     say(f"{len(items)} images in {len(cfg.data.concepts)} concept(s), {data.plan.batches_per_epoch} batches per epoch")
 
     # ---- model and method ---------------------------------------------------------------------
@@ -236,7 +250,7 @@ def _train(cfg: Config, checked, log, progress_mode: str) -> Path:
     part_names = attach_method(family, cfg)
     # also on resume: preservation terms see the starting weights (e.g. method.init_lora); the checkpoint then overwrites them
     method.start(family, part_names, say if not resumed else (lambda *_: None))
-    terms = make_terms(cfg, family, lambda prompts: prompt_features(prompts))  # cfg.preserve, objectives/preserve.py
+    terms = make_terms(cfg, family, lambda prompts: route.prompts(prompts))  # cfg.preserve, objectives/preserve.py
     speed.apply(family.parts[family.denoiser], cfg, weight_dtype, family.block_lists, accelerator.device)
     say(f"speed: {speed.describe(cfg)}")
     say(par.plan_line(family, part_names))
@@ -247,7 +261,7 @@ def _train(cfg: Config, checked, log, progress_mode: str) -> Path:
         lr = cfg.train.text_encoder_lr if name != family.denoiser and cfg.train.text_encoder_lr else cfg.train.lr
         groups.append({"params": method.trainable_parameters(family.parts[name]), "lr": lr})
     n_trainable = sum(p.numel() for g in groups for p in g["params"])
-    optimizer = _make_optimizer(cfg, groups)
+    optimizer = make_optimizer(cfg, groups)
     lr_scheduler = get_scheduler(
         cfg.train.lr_scheduler, optimizer, num_warmup_steps=cfg.train.lr_warmup_steps,
         num_training_steps=cfg.train.steps,
@@ -282,7 +296,7 @@ def _train(cfg: Config, checked, log, progress_mode: str) -> Path:
         evaluator = TrainingEval(family, cfg, items, accelerator.autocast, say)
 
     # ---- feature caches: frozen encoders see each prompt and image view once, results kept on disk ----
-    cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "cache"
+    cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else layout.cache
     text_frozen = not cfg.method.train_text_encoder
     prompt_cache: dict[str, dict] = {}
     if text_frozen:
@@ -303,20 +317,16 @@ def _train(cfg: Config, checked, log, progress_mode: str) -> Path:
     elif cfg.data.cache:
         say("data.crop=random: image features are encoded at every step, not cached (each epoch's crops differ)")
 
-    def prompt_features(prompts: list[str]) -> dict:
-        if not text_frozen:
-            return family.encode_prompts(prompts)
-        rows = [prompt_cache[p] for p in prompts]
-        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]} if rows and rows[0] else {}
+    route = FeatureRoute(data, image_features, prompt_cache if text_frozen else None, family.encode_prompts)
 
     val_loss = ValidationLoss(cfg, val_items, val_concepts, multiple,
                               lambda d: ImageFeatures(family, d, image_store, accelerator.autocast),
-                              prompt_features) if val_items else None
+                              route.prompts) if val_items else None
     if main:
         write_run_facts(out, family.name, n_trainable, data, val_loss)
 
     # ---- the loop -----------------------------------------------------------------------------------
-    loss_log = out / "logs" / "loss.jsonl"
+    loss_log = layout.loss_log
     if main:
         loss_log.parent.mkdir(parents=True, exist_ok=True)
         _truncate_log(loss_log, start)
@@ -340,12 +350,12 @@ def _train(cfg: Config, checked, log, progress_mode: str) -> Path:
             for micro in range(accum):
                 # the global micro-batch number: process `rank` takes every `world`-th one
                 k = done_before + ((step - start) * accum + micro) * world + rank
-                batch = data.batch(k, pixels=False)
                 sync = micro == accum - 1
                 try:
                     with accelerator.autocast(), par.no_sync(family.parts, part_names, sync):
-                        loss = _micro_step(family, objective, batch, image_features, prompt_features,
-                                           micro_seed(cfg.train.seed, k), terms)
+                        features, batch = route.features(k)  # from the disk caches, or encoded now
+                        loss = micro_step(family, objective, features, micro_seed(cfg.train.seed, k),
+                                           batch.get("loss_weights"), terms)
                         if not torch.isfinite(loss):
                             bad_paths += batch["paths"]
                         par.backward(loss / accum)
@@ -400,7 +410,7 @@ def _train(cfg: Config, checked, log, progress_mode: str) -> Path:
                 progress.close()
                 raise Interrupted(
                     f"stopped by signal {stop.signal} after step {step}; checkpoint saved in "
-                    f"{out / 'checkpoints'}. Run the same command again to continue."
+                    f"{layout.checkpoints}. Run the same command again to continue."
                 )
             if cfg.validation.every and step % cfg.validation.every == 0 and step < cfg.train.steps:
                 if val_loss is not None:
@@ -451,15 +461,16 @@ def attach_method(family, cfg: Config) -> list[str]:
     return part_names
 
 
-def _micro_step(family, objective, batch, image_features, prompt_features, seed: int, terms=()):
+def micro_step(family, objective, features: dict, seed: int, loss_weights=None, terms=()):
     """Loss of one micro-batch: per-sample mean squared error, weighted by the objective's timestep
-    weights and the batch's ``loss_weights`` (which sum to 1 per loss group, see data/mix.py), plus
-    any preservation `terms`."""
+    weights and `loss_weights` (the batch's, which sum to 1 per loss group, see data/mix.py; None: the
+    plain mean), plus any preservation `terms`. `features`: the micro-batch's image and prompt
+    features (`FeatureRoute.features`); ``x0`` is taken out of it. Shared with the bench
+    (`difftune.bench`), which times this very step."""
     import torch
 
     device = family.device
-    features = image_features(batch["views"])  # from the disk cache, or encoded now (frozen encoder)
-    features.update(prompt_features(batch["prompts"]))
+    features = dict(features)
     x0 = features.pop("x0").float()
     generator = torch.Generator().manual_seed(seed)
     t = objective.sample_timesteps(x0, generator)
@@ -469,7 +480,7 @@ def _micro_step(family, objective, batch, image_features, prompt_features, seed:
     pred = family.predict(x_t, t, features)
     per_sample = ((pred.float() - target.float()) ** 2).reshape(x0.shape[0], -1).mean(dim=1)
     n = x0.shape[0]  # a batch without loss_weights (e.g. the bench's) is the plain mean
-    share = torch.tensor(batch.get("loss_weights") or [1.0 / n] * n, dtype=torch.float32, device=per_sample.device)
+    share = torch.tensor(loss_weights or [1.0 / n] * n, dtype=torch.float32, device=per_sample.device)
     loss = (per_sample * objective.weights(t).float() * share).sum()
     for term in terms:
         loss = loss + term(x_t, t, features, seed)
@@ -551,7 +562,7 @@ def _samples(family, cfg, step, par, note) -> None:
     if not main and not par.sample_on_every_rank:
         return
     v = cfg.validation
-    folder = Path(cfg.output_dir) / "samples" / f"step-{step:08d}"  # numbered as checkpoints are
+    folder = RunLayout(cfg.output_dir).samples_at(step)
     folder.mkdir(parents=True, exist_ok=True)
     size = cfg.data.resolution
     guidance = v.guidance if v.guidance is not None else family.default_guidance
@@ -597,6 +608,6 @@ def _truncate_log(path: Path, step: int) -> None:
 
 def read_losses(output_dir: str | Path) -> list[dict]:
     """The per-step log of a run (step, loss, lr, grad_norm)."""
-    path = Path(output_dir) / "logs" / "loss.jsonl"
+    path = RunLayout(output_dir).loss_log
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 

@@ -33,10 +33,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
+
+from ..util.atomic import atomic_write, file_sha256
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from .dataset import TrainingData, View
@@ -45,33 +45,9 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 FORMAT_VERSION = 1
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` via a temporary file and a rename, so a reader never sees half a file."""
-    _atomic(path, lambda tmp: tmp.write_bytes(data))
-
-
-def _atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def cache_key(*parts: Any) -> str:
     """SHA-256 (hex) of `parts` as canonical JSON."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    """Content hash of a file (renaming or touching it keeps its cache entries)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def part_fingerprint(model_path: str, part: str, revision: str | None = None) -> dict[str, Any]:
@@ -131,7 +107,7 @@ class FeatureStore:
         cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         # never an empty header: safetensors writes an unreadable file for no tensors and metadata={}
         header = {"difftune_cache": str(FORMAT_VERSION), **metadata}
-        _atomic(self.path(key), lambda tmp: save_file(cpu, str(tmp), metadata=header))
+        atomic_write(self.path(key), lambda tmp: save_file(cpu, str(tmp), metadata=header))
 
 
 class PromptFeatures:

@@ -115,9 +115,10 @@ def check(data: "DataConfig", multiple: int) -> Report:
     return Report(lines, len(items), len(skipped))
 
 
-def _target(target: str, overrides: list[str]) -> tuple["DataConfig", int | None]:
+def _target(target: str, overrides: list[str], multiple_for=None) -> tuple["DataConfig", int | None]:
     """The data section to check (overrides applied, unknown keys refused) and the model's side
-    multiple when the model is a local folder (a config's, or ``model.path=DIR`` given with a folder).
+    multiple when the model is a local folder (a config's, or ``model.path=DIR`` given with a folder):
+    `multiple_for(model config)` tells it (the command passes the family registry's; None without one).
     The data is checked as `difftune train` checks it; other sections need not be complete."""
     from ..config import ConfigError, data_problems, load_config
     from .hf import FILE_BUILDERS
@@ -130,12 +131,7 @@ def _target(target: str, overrides: list[str]) -> tuple["DataConfig", int | None
         cfg = load_config(path, overrides)
     else:
         raise DifftuneError(f"{target}: no such folder, dataset file or config file")
-    multiple = None
-    if cfg.model.path and Path(cfg.model.path).is_dir():  # a hub model is not fetched just for this
-        from ..families.registry import resolve_family
-
-        multiple = resolve_family(cfg.model.path, cfg.model.family, cfg.model.revision).resolution_multiple(
-            cfg.model.path, cfg.model.revision)
+    multiple = multiple_for(cfg.model) if multiple_for else None
     problems = data_problems(cfg.data, resolution_multiple=multiple)
     if problems:
         raise ConfigError("; ".join(problems))
@@ -160,8 +156,8 @@ def no_images_message(data: "DataConfig", skipped: int) -> str:
     return f"no usable images in {where}: all {skipped} image files were skipped (reasons above)"
 
 
-def run(args: argparse.Namespace) -> int:
-    data, multiple = _target(args.target, args.overrides)
+def run(args: argparse.Namespace, multiple_for=None) -> int:
+    data, multiple = _target(args.target, args.overrides, multiple_for)
     report = check(data, multiple or DEFAULT_MULTIPLE)
     print(report.text)
     if multiple is None:

@@ -24,19 +24,7 @@ from .. import DifftuneError
 from ..config import ConceptConfig, DataConfig
 from .buckets import cover_size, make_buckets, nearest_bucket
 from .images import IMAGE_EXTENSIONS, ImageProblem, load_image, read_caption
-
-
-@dataclass(frozen=True)
-class Item:
-    """One training image. `caption` is None when the image has none of its own; `size` is the
-    upright ``(width, height)`` once the image has been checked; `origin` says where the image came
-    from when its path does not (a row of a Hugging Face dataset)."""
-
-    path: str
-    caption: str | None
-    concept: int
-    size: tuple[int, int] | None = None
-    origin: str | None = None
+from .items import Item
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,8 @@ from typing import Any
 
 from .. import DifftuneError
 from ..config import ConceptConfig
-from .cache import atomic_write_bytes
-from .dataset import Item
+from ..util.atomic import atomic_write_bytes
+from .items import Item
 from .images import sniff_image_bytes
 
 #: file suffix -> ``datasets`` builder for a single local data file

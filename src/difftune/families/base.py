@@ -27,11 +27,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .. import DifftuneError
+from ..run_layout import RunLayout
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
 
     from ..config import Config
+
+
+@dataclass
+class NoOptions:
+    """A family without options of its own: any ``model.options`` key is an error."""
 
 
 @dataclass(frozen=True)
@@ -175,8 +181,15 @@ class UsageSettings:
             steps=int(validation.get("steps") or 25),
             run=str(run_dir),
             base=config["model"]["path"],
-            lora=(Path(run_dir) / "pytorch_lora_weights.safetensors").is_file() or config["method"]["kind"] != "full",
+            lora=RunLayout(run_dir).lora.is_file() or _adapter_method(config["method"]["kind"]),
         )
+
+
+def _adapter_method(kind: str) -> bool:
+    """Whether method `kind` writes an adapter (a LoRA file) rather than a whole pipeline."""
+    from ..methods import get_method_class
+
+    return get_method_class(kind).adapter
 
 
 def pipeline_parts(index: dict) -> dict[str, list]:
@@ -204,6 +217,8 @@ class Family:
     default_guidance: ClassVar[float] = 7.5
     #: the part whose spatial factor constrains resolutions (None: nothing spatial is denoised)
     autoencoder: ClassVar[str | None] = "vae"
+    #: the dataclass of this family's ``model.options`` (its folder's ``options.py``)
+    options_class: ClassVar[type] = NoOptions
     #: `difftune generate`'s tasks -> the diffusers pipeline class for each (``text2img``, ``img2img``,
     #: ``inpaint``, and with ControlNets ``controlnet``, ``controlnet-img2img``, ``controlnet-inpaint``);
     #: a task left out is one the family does not offer. `task_pipeline` builds them from the loaded pipeline.
@@ -225,11 +240,23 @@ class Family:
         self.cfg = cfg
         self.device = device
         self.weight_dtype = weight_dtype
+        self.options = self.options_for(cfg)
         self.parts: dict[str, Any] = {}
         self.index: dict[str, Any] = {}
         #: prompts sampled during training besides ``validation.prompts`` (``validation.eval_every``): a
         #: family that frees text encoders in `after_prompt_cache` encodes these first
         self.sampling_prompts: list[str] = []
+
+    @classmethod
+    def options_for(cls, cfg: "Config") -> Any:
+        """``model.options`` as this family's typed options, checked (a ConfigError names the key)."""
+        from ..config import ConfigError, build_options
+
+        options = build_options(cls.options_class, cfg.model.options)
+        problems = options.problems() if hasattr(options, "problems") else []
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return options
 
     # ---- static facts, readable before loading -------------------------------------------
 
@@ -327,22 +354,24 @@ class Family:
         (``kind="prompts"``) output depends on. The on-disk feature caches are keyed by it, so a family
         whose encoders read more parts or settings than these defaults extends it.
 
-        Default: the family, the weight dtype, the model (path, revision, variant, prior) and the
-        on-disk identity of the parts involved: the autoencoder for images; the text encoders, their
-        tokenizers (``text_encoder_2`` -> ``tokenizer_2``) and ``objective.max_sequence_length`` for prompts.
+        Default: the family, the weight dtype, the model (path, revision, variant, family options) and
+        the on-disk identity of the parts involved: the autoencoder for images; the text encoders and
+        their tokenizers (``text_encoder_2`` -> ``tokenizer_2``) for prompts.
         """
+        import dataclasses
+
         from ..data.cache import part_fingerprint
 
         m = self.cfg.model
         if kind == "images":
             parts = [self.autoencoder] if self.autoencoder else []
-            settings: dict[str, Any] = {}
         else:
             parts = [*self.text_encoders, *(name.replace("text_encoder", "tokenizer") for name in self.text_encoders)]
-            settings = {"max_sequence_length": self.cfg.objective.max_sequence_length}
+        settings: dict[str, Any] = {}
         return {
             "family": self.name, "kind": kind, "dtype": str(self.weight_dtype), "settings": settings,
-            "model": {"path": m.path, "revision": m.revision, "variant": m.variant, "prior": m.prior},
+            "model": {"path": m.path, "revision": m.revision, "variant": m.variant,
+                      "options": dataclasses.asdict(self.options)},
             "parts": {name: part_fingerprint(m.path, name, m.revision) for name in parts},
         }
 

@@ -17,6 +17,7 @@ from .base import Family, read_model_index
 #: family name -> "module:Class" (the ``family.py`` of its folder)
 FAMILIES: dict[str, str] = {
     "sd": "difftune.families.sd.family:StableDiffusion",
+    "sdxl": "difftune.families.sdxl.family:StableDiffusionXL",
     "flux": "difftune.families.flux.family:Flux",
     "kandinsky22-prior": "difftune.families.kandinsky22.family:KandinskyPrior",
     "kandinsky22-decoder": "difftune.families.kandinsky22.family:KandinskyDecoder",

@@ -48,9 +48,9 @@ def png_info(params: dict) -> Any:
 def save_image(image: Any, path: Path, params: dict) -> None:
     """Write `image` as PNG with `params` in its text chunks, atomically (temp file, then rename);
     replaces `path` if it exists (training samples: one fixed name per prompt and step)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG", pnginfo=png_info(params))
-    os.replace(tmp, path)
+    from ..util.atomic import atomic_write
+
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=png_info(params)))
 
 
 def save_new_image(image: Any, folder: Path, stem: str, params: dict | None = None, number: int | None = None) -> Path:

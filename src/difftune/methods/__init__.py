@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 METHODS: dict[str, str] = {
     "lora": "difftune.methods.lora:Lora",
     "full": "difftune.methods.full:Full",
+    "dora": "difftune.methods.dora:Dora",
 }
 
 
@@ -33,9 +34,11 @@ class Method(ABC):
 
     #: the ``method.kind`` it is registered under
     kind: ClassVar[str] = ""
-    #: True if the trained parts keep their base weights frozen and train small adapters on top: the
-    #: frozen base may then be stored in low precision (``speed.base_weights``)
+    #: True if the trained parts keep their base weights frozen and train small adapters on top
+    #: (``method.rank`` then means something)
     adapter: ClassVar[bool] = False
+    #: True if the frozen base may be stored in low precision (``speed.base_weights``: fp8, nf4)
+    low_precision_base: ClassVar[bool] = False
 
     def __init__(self, cfg: "MethodConfig"):
         self.cfg = cfg

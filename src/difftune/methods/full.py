@@ -15,6 +15,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 
 class Full(Method):
+    """Every weight of the trained parts (fp32 master weights); the output is a complete pipeline folder."""
+
     kind = "full"
 
     @classmethod

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import DifftuneError
 from ..families.base import unwrap
+from ..run_layout import RunLayout
 from . import Method
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -29,11 +30,12 @@ def targets_for(part: str, defaults: dict[str, list[str]], method: "MethodConfig
     return defaults[part]
 
 
-def add_lora(module: Any, part: str, targets: Any, method: "MethodConfig") -> None:
+def add_lora(module: Any, part: str, targets: Any, method: "MethodConfig", **peft_options: Any) -> None:
     """Inject a trainable LoRA adapter into `module` (a diffusers model or a transformers encoder).
 
     Base weights are frozen; LoRA weights are created in fp32 (gaussian A, zero B, so the adapted
-    model starts exactly at the base model).
+    model starts exactly at the base model). `peft_options`: further ``LoraConfig`` fields (variants
+    of LoRA such as DoRA set theirs).
     """
     import torch
     from peft import LoraConfig
@@ -45,6 +47,7 @@ def add_lora(module: Any, part: str, targets: Any, method: "MethodConfig") -> No
         lora_dropout=method.dropout,
         init_lora_weights="gaussian",
         target_modules=targets,
+        **peft_options,
     )
     module.requires_grad_(False)
     try:
@@ -95,7 +98,7 @@ def init_from_lora(family: Any, path: str, parts: list[str]) -> None:
     from safetensors.torch import load_file
 
     p = Path(path)
-    file = p / "pytorch_lora_weights.safetensors" if p.is_dir() else p
+    file = RunLayout(p).lora if p.is_dir() else p
     if not file.is_file():
         raise DifftuneError(f"method.init_lora: no LoRA file at {file}")
     try:
@@ -138,6 +141,9 @@ class Lora(Method):
 
     kind = "lora"
     adapter = True
+    low_precision_base = True
+    #: further peft ``LoraConfig`` fields of this variant of LoRA
+    peft_options: dict[str, Any] = {}
 
     @classmethod
     def problems(cls, cfg: "MethodConfig") -> list[str]:
@@ -157,7 +163,7 @@ class Lora(Method):
         return f"{self.kind}, rank {self.cfg.rank}, alpha {self.cfg.alpha or self.cfg.rank}"
 
     def attach(self, module: Any, part: str, targets: dict[str, list[str]], denoiser: str) -> None:
-        add_lora(module, part, targets_for(part, targets, self.cfg, denoiser), self.cfg)
+        add_lora(module, part, targets_for(part, targets, self.cfg, denoiser), self.cfg, **self.peft_options)
 
     def start(self, family: Any, part_names: list[str], log) -> None:
         if self.cfg.init_lora:

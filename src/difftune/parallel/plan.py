@@ -163,7 +163,7 @@ def count(cfg: Any, parts: dict, family: Any, part_names: list[str]) -> Counts:
         c.blocks = conf.get("num_layers", 0) + conf.get("num_single_layers", 0)
         c.width = heads * head_dim
         factor = family.resolution_multiple(cfg.model.path, cfg.model.revision) * conf.get("patch_size", 1)
-        text = cfg.objective.max_sequence_length or getattr(family, "max_sequence_length", 0) or 0
+        text = getattr(family, "max_sequence_length", 0) or 0  # e.g. FLUX: model.options or its default
         c.tokens = (cfg.data.resolution // factor) ** 2 + text
     return c
 

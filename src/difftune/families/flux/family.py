@@ -10,12 +10,12 @@ Conventions:
   and unpacks the prediction again, so the generic loop never sees tokens.
 - Timesteps are flow-matching noise levels sigma in (0, 1), given to the transformer as they are
   (it multiplies by 1000 inside, as the pipeline's ``timestep / 1000`` shows); so is the guidance
-  value for guidance-distilled checkpoints (``objective.guidance``; only FLUX.1-dev's transformer
+  value for guidance-distilled checkpoints (``model.options.guidance``; only FLUX.1-dev's transformer
   has ``guidance_embeds``, schnell's gets none).
 - Position ids: image tokens ``(0, row, col)`` of the packed grid, text tokens all zero, as the
   pipeline makes them.
 - Prompt features, tokenized exactly as ``FluxPipeline.encode_prompt`` does: ``prompt_embeds``
-  ``[B, max_sequence_length, 4096]`` (T5-XXL last hidden state, ``objective.max_sequence_length``,
+  ``[B, max_sequence_length, 4096]`` (T5-XXL last hidden state, ``model.options.max_sequence_length``,
   default 512 as FLUX.1-dev was trained) and ``pooled_prompt_embeds`` ``[B, 768]`` (CLIP-L pooled).
 - Only CLIP is trainable (``method.train_text_encoder``), as in diffusers' FLUX DreamBooth script:
   `text_encoders` lists it alone. T5 is always frozen; once every prompt (validation prompts
@@ -32,6 +32,7 @@ from typing import Any
 from ... import DifftuneError
 from ...objectives.flow_matching import FlowMatchingObjective
 from ..base import Family, unwrap
+from .options import MAX_T5_TOKENS, FluxOptions
 
 #: attention projections of both stream types (image: to_*, text: add_*), as diffusers'
 #: train_dreambooth_lora_flux.py targets them; single blocks have to_q/k/v (no to_out)
@@ -41,8 +42,6 @@ CLIP_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
 #: T5 part and tokenizer (frozen, never in `text_encoders`)
 T5 = "text_encoder_2"
 T5_TOKENIZER = "tokenizer_2"
-#: FluxPipeline refuses longer T5 sequences
-MAX_T5_TOKENS = 512
 
 
 def image_tokens(x0: Any) -> int:
@@ -116,16 +115,15 @@ class Flux(Family):
         return vae_factor * 2
     fsdp_blocks = {"transformer": ("FluxTransformerBlock", "FluxSingleTransformerBlock")}
 
+    options_class = FluxOptions
+
     def __init__(self, cfg, device, weight_dtype):
         super().__init__(cfg, device, weight_dtype)
-        n = cfg.objective.max_sequence_length
-        if n is not None and not 1 <= n <= MAX_T5_TOKENS:
-            raise DifftuneError(f"objective.max_sequence_length must be between 1 and {MAX_T5_TOKENS} for FLUX, got {n}")
         self._cached: dict[str, tuple[Any, Any]] = {}
 
     @property
     def max_sequence_length(self) -> int:
-        n = self.cfg.objective.max_sequence_length
+        n = self.options.max_sequence_length
         return MAX_T5_TOKENS if n is None else n
 
     def after_load(self) -> None:
@@ -213,7 +211,7 @@ class Flux(Family):
         embeds = features["prompt_embeds"].to(x_t.dtype)
         guidance = None
         if unwrap(transformer).config.guidance_embeds:
-            guidance = torch.full((x_t.shape[0],), float(self.cfg.objective.guidance), device=x_t.device)
+            guidance = torch.full((x_t.shape[0],), float(self.options.guidance), device=x_t.device)
         out = transformer(
             hidden_states=pack(x_t),
             timestep=t,

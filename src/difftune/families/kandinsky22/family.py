@@ -8,7 +8,7 @@ diffusers' ``train_text_to_image_decoder.py``: latents = ``movq.encode(pixels).l
 quantisation, no scaling factor), ``[B, C, H/f, W/f]`` with f the MoVQ factor (8 for the real model);
 the UNet outputs ``2C`` channels, predicted noise then learned variance, and only the first ``C`` are
 trained (epsilon objective from the decoder scheduler). The training images' CLIP image embeddings
-come from the image encoder of the prior pipeline named by ``model.prior``; they are per-image
+come from the image encoder of the prior pipeline named by ``model.options.prior``; they are per-image
 features, so they are computed (and cached) with the latents. The decoder has no text encoder.
 
 **Prior** (``kandinsky22-prior``, ``KandinskyV22PriorPipeline``): a ``PriorTransformer`` that denoises
@@ -21,8 +21,8 @@ scheduler's ``prediction_type="sample"``, squared-cosine betas), as diffusers'
 
 Images for either part need the other one: sampling (``difftune generate`` and validation images)
 runs text -> prior -> decoder through diffusers' ``KandinskyV22CombinedPipeline``. A decoder run names
-its prior with ``model.prior``; a prior run that asks for validation images names a decoder with
-``model.decoder``. Saved outputs are each part's own pipeline folder (full) or a LoRA file written the
+its prior with ``model.options.prior``; a prior run that asks for validation images names a decoder with
+``model.options.decoder``. Saved outputs are each part's own pipeline folder (full) or a LoRA file written the
 way ``model.save_lora_adapter`` writes it (keys without a part prefix, LoraConfig in the header), so
 ``pipe.unet.load_lora_adapter(DIR, weight_name="pytorch_lora_weights.safetensors", prefix=None)``
 and ``pipe.prior.load_lora_adapter(...)`` load them.
@@ -31,18 +31,19 @@ and ``pipe.prior.load_lora_adapter(...)`` load them.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from ... import DifftuneError
 from ...objectives.ddpm import DDPMObjective
+from ...run_layout import LORA_FILE, RunLayout
+from ...util.atomic import atomic_write
 from ..base import Family, Usage, UsageSettings, load_part, read_model_index
+from .options import DecoderOptions, PriorOptions
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 #: the decoder's SimpleCrossAttn blocks project the image-embedding tokens with their own key/value layers
 DECODER_ATTENTION = [*ATTENTION, "add_k_proj", "add_v_proj"]
-LORA_FILE = "pytorch_lora_weights.safetensors"
 #: the decoder named in a prior run's usage examples when its config names none
 DEFAULT_DECODER = "kandinsky-community/kandinsky-2-2-decoder"
 PRIOR_PIPELINE = "KandinskyV22PriorPipeline"
@@ -238,10 +239,8 @@ class _Kandinsky(Family):
         state = convert_unet_state_dict_to_peft(dict(states[self.denoiser]))
         config = {k: sorted(v) if isinstance(v, set) else v for k, v in metadata[self.denoiser].items()}
         header = {"format": "pt", "lora_adapter_metadata": json.dumps(config, indent=2, sort_keys=True)}
-        target = Path(out_dir) / LORA_FILE
-        tmp = target.with_name(f".{target.name}.tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp), metadata=header)
-        os.replace(tmp, target)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        atomic_write(RunLayout(out_dir).lora, lambda tmp: save_file(tensors, str(tmp), metadata=header))
 
     def companion(self) -> Any:
         """The other part's pipeline (decoder for the prior, prior for the decoder) on the device, for
@@ -275,6 +274,7 @@ class KandinskyDecoder(_Kandinsky):
     text_encoders = ()
     lora_targets = {"unet": DECODER_ATTENTION}
     autoencoder = "movq"
+    options_class = DecoderOptions
     task_pipelines = {
         "text2img": "KandinskyV22CombinedPipeline", "img2img": "KandinskyV22Img2ImgCombinedPipeline",
         "inpaint": "KandinskyV22InpaintCombinedPipeline",
@@ -287,27 +287,27 @@ class KandinskyDecoder(_Kandinsky):
         return vae_factor**2
 
     def load(self) -> None:
-        prior = self.cfg.model.prior
+        prior = self.options.prior
         if not prior:
             raise DifftuneError(
-                "model.prior is required for the kandinsky22-decoder family: the Kandinsky 2.2 prior pipeline "
+                "model.options.prior is required for the kandinsky22-decoder family: the Kandinsky 2.2 prior pipeline "
                 "(e.g. kandinsky-community/kandinsky-2-2-prior) whose CLIP image encoder conditions the decoder"
             )
-        index = _expect_pipeline(prior, PRIOR_PIPELINE, "model.prior")
+        index = _expect_pipeline(prior, PRIOR_PIPELINE, "model.options.prior")
         for name in ("image_encoder", "image_processor"):
             if not isinstance(index.get(name), list) or index[name][0] is None:
-                raise DifftuneError(f"model.prior {prior}: its model_index.json has no {name}")
+                raise DifftuneError(f"model.options.prior {prior}: its model_index.json has no {name}")
         super().load()
 
     def after_load(self) -> None:
-        prior = self.cfg.model.prior
+        prior = self.options.prior
         index = read_model_index(prior)
         encoder = load_part(prior, "image_encoder", index["image_encoder"], self.weight_dtype)
         self.parts["image_encoder"] = encoder.to(self.device)
         self.parts["image_processor"] = load_part(prior, "image_processor", index["image_processor"], None)
 
     def clip_sources(self) -> tuple[str, list[str]]:
-        return self.cfg.model.prior, ["image_encoder", "image_processor"]
+        return self.options.prior, ["image_encoder", "image_processor"]
 
     def encode_images(self, pixels):
         """``{"x0": MoVQ latents [B, C, H/f, W/f], "image_embeds": CLIP image embeddings [B, D]}``."""
@@ -328,12 +328,12 @@ class KandinskyDecoder(_Kandinsky):
         return out.split(x_t.shape[1], dim=1)[0]
 
     def sampling_pipeline(self) -> Any:
-        """Text -> image for validation samples: the prior of ``model.prior`` and this decoder as trained."""
+        """Text -> image for validation samples: the prior of ``model.options.prior`` and this decoder as trained."""
         return combine(self.companion(), self.build_pipeline())
 
     def load_companion(self) -> Any:
         pipe = _load_pipeline(
-            PRIOR_PIPELINE, self.cfg.model.prior, self.weight_dtype, "model.prior",
+            PRIOR_PIPELINE, self.options.prior, self.weight_dtype, "model.options.prior",
             image_encoder=self.parts["image_encoder"], image_processor=self.parts["image_processor"],
         )
         return pipe.to(self.device)
@@ -364,11 +364,11 @@ class KandinskyDecoder(_Kandinsky):
 
     @classmethod
     def usage(cls, run_dir, config: dict) -> Usage:
-        """The decoder needs the prior of ``model.prior`` to turn the prompt into an image embedding."""
+        """The decoder needs the prior of ``model.options.prior`` to turn the prompt into an image embedding."""
         import shlex
 
         u = UsageSettings.of(str(run_dir), config)
-        prior = config["model"]["prior"]
+        prior = (config["model"].get("options") or {}).get("prior")
         decoder = u.base if u.lora else u.run
         flags = f"--model {shlex.quote(decoder)} --prior {shlex.quote(prior)}"
         flags += f" --lora {shlex.quote(u.run)}" if u.lora else ""
@@ -383,6 +383,7 @@ class KandinskyPrior(_Kandinsky):
     lora_targets = {"prior": ATTENTION}
     # the image encoder resizes whatever it gets; nothing spatial is denoised
     autoencoder = None
+    options_class = PriorOptions
     generate_hint = ("{path} is a Kandinsky 2.2 prior: it makes image embeddings, not images. Generate with "
                      "--model DECODER --prior {path} (and --prior-lora for a prior LoRA)")
 
@@ -394,14 +395,14 @@ class KandinskyPrior(_Kandinsky):
             raise DifftuneError(
                 "train.gradient_checkpointing: diffusers' PriorTransformer does not support it; set it to false"
             )
-        if cfg.validation.prompts and not cfg.model.decoder:
+        if cfg.validation.prompts and not self.options.decoder:
             raise DifftuneError(
                 "validation.prompts: the kandinsky22-prior family makes image embeddings, not images; set "
-                "model.decoder to a Kandinsky 2.2 decoder pipeline (e.g. kandinsky-community/kandinsky-2-2-decoder) "
+                "model.options.decoder to a Kandinsky 2.2 decoder pipeline (e.g. kandinsky-community/kandinsky-2-2-decoder) "
                 "to sample images, or remove validation.prompts"
             )
-        if cfg.model.decoder:
-            _expect_pipeline(cfg.model.decoder, DECODER_PIPELINE, "model.decoder")
+        if self.options.decoder:
+            _expect_pipeline(self.options.decoder, DECODER_PIPELINE, "model.options.decoder")
         super().load()
 
     def after_load(self) -> None:
@@ -447,21 +448,21 @@ class KandinskyPrior(_Kandinsky):
         ).predicted_image_embedding
 
     def sampling_pipeline(self) -> Any:
-        """Text -> image for validation samples: this prior as trained and the decoder of ``model.decoder``."""
+        """Text -> image for validation samples: this prior as trained and the decoder of ``model.options.decoder``."""
         return combine(self.build_pipeline(), self.companion())
 
     def load_companion(self) -> Any:
-        pipe = _load_pipeline(DECODER_PIPELINE, self.cfg.model.decoder, self.weight_dtype, "model.decoder")
+        pipe = _load_pipeline(DECODER_PIPELINE, self.options.decoder, self.weight_dtype, "model.options.decoder")
         return pipe.to(self.device)
 
     @classmethod
     def usage(cls, run_dir, config: dict) -> Usage:
-        """The prior makes image embeddings only: images come from a decoder (``model.decoder``, else the
+        """The prior makes image embeddings only: images come from a decoder (``model.options.decoder``, else the
         public Kandinsky 2.2 decoder) fed with this prior."""
         import shlex
 
         u = UsageSettings.of(str(run_dir), config)
-        decoder = config["model"].get("decoder") or DEFAULT_DECODER
+        decoder = (config["model"].get("options") or {}).get("decoder") or DEFAULT_DECODER
         prior = u.base if u.lora else u.run
         flags = f"--model {shlex.quote(decoder)} --prior {shlex.quote(prior)}"
         flags += f" --prior-lora {shlex.quote(u.run)}" if u.lora else ""

@@ -13,7 +13,7 @@ KNOBS = {"prediction_type": "epsilon"}
 #: family name -> the pipeline folder of that family under the output folder ("" = the folder itself)
 PIPELINES = {"kandinsky22-prior": "prior", "kandinsky22-decoder": "decoder"}
 #: family name -> config key -> the pipeline folder it names (the decoder's prior)
-COMPANIONS = {"kandinsky22-decoder": {"model.prior": "prior"}}
+COMPANIONS = {"kandinsky22-decoder": {"model.options.prior": "prior"}}
 
 
 def build(prediction_type: str):

@@ -1,6 +1,6 @@
 """`difftune bench --suite gpu --out DIR`: every GPU figure the goals of difftune name, in one command.
 
-Each case runs in its own process (``difftune bench ...`` or a peer run of `bench_peers`), so a CUDA
+Each case runs in its own process (``difftune bench ...`` or a peer run of `peers`), so a CUDA
 error in one (an illegal memory access poisons the whole CUDA context) costs that case only. The
 suite has a time budget (``--budget``, default 540 s, inside a 10-minute lease of one H100): each
 case gets what is left of it as its timeout, and cases not started in time are recorded as
@@ -13,7 +13,7 @@ a minute or two, to prove the suite itself (every case produces its row), not to
 
 ``--peer-scripts DIR`` (a folder holding diffusers' ``train_dreambooth_lora_flux.py`` and
 ``train_text_to_image_lora.py``) adds the peer rows: the same FLUX and SD runs through those
-scripts, and their s/step against difftune's (`bench_peers`). Without it the peer rows say so.
+scripts, and their s/step against difftune's (`peers`). Without it the peer rows say so.
 
 ``--suite peers`` is the CPU comparison of BENCHMARKS.md: difftune against the peer scripts on one
 preset (default ``small``), both whole processes, taking turns ``--rounds`` times.
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from . import DifftuneError
+from .. import DifftuneError
 
 FLUX = ["--family", "flux", "--preset", "real", "--resolution", "1024", "--precision", "bf16", "--rank", "16"]
 SD = ["--family", "sd", "--preset", "real", "--resolution", "512", "--precision", "bf16", "--rank", "16"]
@@ -135,7 +135,7 @@ def tiny_case(case: SuiteCase) -> SuiteCase:
 def _run(cmd: list[str], log: Path, timeout: float) -> tuple[str, int | None]:
     """Run `cmd` in its own process group; kill the group at `timeout`. Returns (status, exit code)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    src = str(Path(__file__).resolve().parent.parent)
+    src = str(Path(__file__).resolve().parents[2])  # the folder holding difftune/
     env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])])
     with log.open("w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -165,7 +165,7 @@ def run_case(case: SuiteCase, out: Path, timeout: float, peer_scripts: Path | No
         p = case.peer
         if peer_scripts is None:
             return {**result, "status": "skipped", "reason": "no --peer-scripts folder given", "met": None}
-        cmd = [sys.executable, "-m", "difftune.bench_peers", "peer", "--family", p["family"], "--preset", p["preset"],
+        cmd = [sys.executable, "-m", "difftune.bench.peers", "peer", "--family", p["family"], "--preset", p["preset"],
                "--resolution", str(p["resolution"]), "--batch", str(p["batch"]), "--steps", str(p["steps"]),
                "--precision", p["precision"], "--rank", "16", "--peer-scripts", str(peer_scripts),
                "--work", str(out / "work"), "--json", str(rows_file)]
@@ -257,12 +257,12 @@ def run_peer_comparison(out: Path, peer_scripts: Path, preset: str = "small", st
                         families: tuple[str, ...] = ("flux", "sd"), log: Callable[[str], None] = print) -> list[dict]:
     """difftune against the peer scripts on `preset`, whole processes taking turns; rows into
     ``out/peers.jsonl`` and a table into ``out/peers.md``."""
-    from . import bench_peers
+    from . import peers
 
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for family in families:
-        row = bench_peers.compare(family, preset, Path(peer_scripts), out / "work", steps, rounds, log=log)
+        row = peers.compare(family, preset, Path(peer_scripts), out / "work", steps, rounds, log=log)
         rows.append(row)
         with (out / "peers.jsonl").open("a") as fh:
             fh.write(json.dumps(row) + "\n")
@@ -280,7 +280,7 @@ def run_peer_comparison(out: Path, peer_scripts: Path, preset: str = "small", st
 
 
 def run(args: Any) -> int:
-    """`difftune bench --suite ...` (bench.run hands over here)."""
+    """`difftune bench --suite ...` (bench.cli.run hands over here)."""
     if args.out is None:
         raise DifftuneError("--suite needs --out DIR (where results.jsonl and results.md go)")
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731

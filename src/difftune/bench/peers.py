@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from . import DifftuneError
+from .. import DifftuneError
 
 PROMPT = "a photo of sks dog"
 
@@ -117,22 +117,22 @@ def write_pipeline(family: str, preset: str, work: Path, device: Any = None, pre
     """A diffusers pipeline folder of the bench's `preset` model of `family` (random weights), once."""
     import torch
 
-    from . import bench
+    from . import cases
 
     folder = work / f"pipeline-{family}-{preset}"
     if (folder / "model_index.json").exists():
         return folder
-    tiny = bench._tiny_model(family, work)
+    tiny = cases.tiny_model(family, work)
     if preset == "tiny":
         return Path(tiny["model.path"])
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = precision or ("bf16" if device.type == "cuda" else "no")
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    case = bench.Case(family=family, preset=preset, precision=precision)
-    presets = bench.family_presets(family)
-    cfg = bench._case_config(case, tiny, presets[preset].resolution, precision, work / "unused")
+    case = cases.Case(family=family, preset=preset, precision=precision)
+    presets = cases.family_presets(family)
+    cfg = cases.case_config(case, tiny, presets[preset].resolution, precision, work / "unused")
     torch.manual_seed(0)
-    fam = bench.build_family(cfg, device, dtype, presets[preset], everything_on_device=True)
+    fam = cases.build_family(cfg, device, dtype, presets[preset], everything_on_device=True)
     fam.build_pipeline().save_pretrained(str(folder), safe_serialization=True)
     del fam
     if device.type == "cuda":
@@ -228,12 +228,12 @@ def run_probed(argv: list[str], work: Path, name: str, timeout: float | None = N
     record.unlink(missing_ok=True)
     log = work / f"{name}.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    src = str(Path(__file__).resolve().parent.parent)
+    src = str(Path(__file__).resolve().parents[2])  # the folder holding difftune/
     env["PYTHONPATH"] = os.pathsep.join([src, *extra_path, *filter(None, [os.environ.get("PYTHONPATH")])])
     t0 = time.time()
     with log.open("w") as fh:
         try:
-            rc = subprocess.run([sys.executable, "-m", "difftune.bench_peers", "probe", str(record), *argv],
+            rc = subprocess.run([sys.executable, "-m", "difftune.bench.peers", "probe", str(record), *argv],
                                 stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             raise DifftuneError(f"{name}: no result within {timeout:.0f} s (log: {log})") from None
@@ -260,7 +260,7 @@ def _shim_path() -> list[str]:
     """The torchvision stand-in's folder, where torchvision itself is not installed."""
     if importlib.util.find_spec("torchvision") is not None:
         return []
-    return [str(Path(__file__).resolve().parent / "peer_shims")]
+    return [str(Path(__file__).resolve().parents[1] / "peer_shims")]  # difftune/peer_shims
 
 
 def run_peer(family: str, scripts: Path, s: Setting, work: Path, name: str, timeout: float | None = None,
@@ -289,10 +289,10 @@ def compare(family: str, preset: str, scripts: Path, work: Path, steps: int, rou
     medians of the rounds, and peer / difftune ratios (above 1: difftune is faster or smaller)."""
     import torch
 
-    from . import bench
+    from . import cases
 
     precision = precision or ("bf16" if torch.cuda.is_available() else "no")
-    resolution = resolution or bench.family_presets(family)[preset].resolution
+    resolution = resolution or cases.family_presets(family)[preset].resolution
     model = write_pipeline(family, preset, work, precision=precision)
     s = Setting(model, write_images(work, resolution), resolution, rank, batch, precision, steps,
                 gradient_checkpointing)
@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "probe":
         probe(Path(argv[1]), argv[2:])
         return 0
-    parser = argparse.ArgumentParser(prog="python -m difftune.bench_peers")
+    parser = argparse.ArgumentParser(prog="python -m difftune.bench.peers")
     parser.add_argument("what", choices=["peer", "compare"])
     parser.add_argument("--family", required=True)
     parser.add_argument("--preset", default="tiny")
@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, required=True)
     a = parser.parse_args(argv)
     a.work.mkdir(parents=True, exist_ok=True)
-    from . import bench
+    from . import cases
 
     try:
         if a.what == "compare":
@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             precision = a.precision or ("bf16" if torch.cuda.is_available() else "no")
-            resolution = a.resolution or bench.family_presets(a.family)[a.preset].resolution
+            resolution = a.resolution or cases.family_presets(a.family)[a.preset].resolution
             model = write_pipeline(a.family, a.preset, a.work, precision=precision)
             s = Setting(model, write_images(a.work, resolution), resolution, a.rank, a.batch, precision, a.steps,
                         a.gradient_checkpointing)
