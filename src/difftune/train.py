@@ -431,7 +431,7 @@ def _train(cfg: Config, checked, log, progress_mode: str) -> Path:
         _validate(val_loss, family, objective, part_names, accelerator, step, say)
     if cfg.validation.prompts:
         _samples(family, cfg, step, par, say)
-    accelerator.end_training()
+    par.finish()  # trackers closed, process group gone
     if main:
         from .report import write_report
 

@@ -152,6 +152,21 @@ class Parallel:
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
 
+    def finish(self) -> None:
+        """End the run: trackers close and the process group goes (``accelerator.end_training``).
+
+        With several processes on gloo, a last barrier first, then a short wait with the GIL released:
+        gloo's worker thread frees finished collectives (and the tensors they hold, which needs the
+        GIL) after the caller has returned from them. If the process group were destroyed while
+        that is pending, the destructor (holding the GIL) and the worker (waiting for it) would
+        deadlock, and a finished run would hang instead of exiting."""
+        if self.world > 1:
+            import time
+
+            self.barrier()
+            time.sleep(0.5)
+        self.accelerator.end_training()
+
     def agree(self, value: Any, what: str) -> Any:
         """Collective: the writers' `value` (others pass anything); an error if two writers disagree."""
         if self.world == 1:
