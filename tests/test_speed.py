@@ -219,7 +219,7 @@ def test_nf4_without_bitsandbytes_names_it(monkeypatch):
 
 
 def test_low_precision_base_needs_lora():
-    with pytest.raises(DifftuneError, match="only adapter methods .LoRA. have, not method.kind=full; use method.kind=lora"):
+    with pytest.raises(DifftuneError, match="stores the frozen base weights in low precision, which method.kind=full cannot use; use method.kind=lora"):
         _setup("speed.base_weights=fp8", "method.kind=full")
 
 
