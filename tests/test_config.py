@@ -122,10 +122,20 @@ def test_old_family_keys_name_their_new_place(tmp_path):
                      ("objective.guidance", "model.options.guidance"),
                      ("objective.max_sequence_length", "model.options.max_sequence_length")]:
         with pytest.raises(ConfigError, match=f"'{old}' is now '{new}'"):
-            load_config(None, [f"{old}=1"])
+            load_config(None, [f"{old}=2"])
         section, key = old.split(".")
         with pytest.raises(ConfigError, match=f"'{old}' is now '{new}'"):
             load_config(write(tmp_path, f"{section}:\n  {key}: x\n"))
+
+
+def test_a_config_saved_before_the_options_moved_still_loads(tmp_path):
+    """Checkpoints of older versions list every key with its default (model.prior: null, objective.guidance:
+    1.0): those say nothing and are dropped, so such a run resumes; a value that was set still names the new key."""
+    cfg = load_config(write(tmp_path, "model:\n  prior: null\n  decoder: null\nobjective:\n  guidance: 1.0\n"
+                                      "  max_sequence_length: null\n"))
+    assert cfg.model.options == {} or not cfg.model.options
+    with pytest.raises(ConfigError, match="'model.prior' is now 'model.options.prior'"):
+        load_config(write(tmp_path, "model:\n  prior: some/prior\n"))
 
 
 def test_family_options_are_typed_and_strict():

@@ -468,18 +468,23 @@ def _build(cls, data: dict, prefix: str = ""):
     names = {f.name for f in dataclasses.fields(cls)}
     for name, value in data.items():
         if name not in names:
+            # an older difftune's config.yaml (a checkpoint's) lists every key: its moved defaults say nothing
+            old = moved_keys(defaults=True)
+            if (where := f"{prefix}.{name}" if prefix else str(name)) in old and value == old[where]:
+                continue
             raise _unknown_key(cls, str(name), prefix)
         kwargs[name] = _convert(value, hints[name], f"{prefix}.{name}" if prefix else name)
     return cls(**kwargs)
 
 
-def moved_keys() -> dict[str, str]:
-    """Old config key -> its new name, as the family folders declare them (``options.py``'s ``MOVED``)."""
+def moved_keys(defaults: bool = False) -> dict[str, Any]:
+    """Old config key -> its new name, as the family folders declare them (``options.py``'s ``MOVED``);
+    with `defaults`, old key -> the value older versions wrote for it by default (``WRITTEN_BY_DEFAULT``)."""
     from .families.registry import folder_module, folders
 
-    moved: dict[str, str] = {}
+    moved: dict[str, Any] = {}
     for folder in folders():
-        moved.update(getattr(folder_module(folder, "options"), "MOVED", {}))
+        moved.update(getattr(folder_module(folder, "options"), "WRITTEN_BY_DEFAULT" if defaults else "MOVED", {}))
     return moved
 
 

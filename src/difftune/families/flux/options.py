@@ -15,6 +15,8 @@ MOVED = {
     "objective.guidance": "model.options.guidance",
     "objective.max_sequence_length": "model.options.max_sequence_length",
 }
+#: what older versions wrote for them by default in every saved config.yaml (dropped without a word)
+WRITTEN_BY_DEFAULT = {"objective.guidance": 1.0, "objective.max_sequence_length": None}
 
 
 @dataclass

@@ -9,6 +9,8 @@ from ...config import doc_field
 
 #: keys of older configs -> where they live now (a clear error names the new key)
 MOVED = {"model.prior": "model.options.prior", "model.decoder": "model.options.decoder"}
+#: what older versions wrote for them by default in every saved config.yaml (dropped without a word)
+WRITTEN_BY_DEFAULT = {"model.prior": None, "model.decoder": None}
 
 
 @dataclass
