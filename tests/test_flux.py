@@ -277,6 +277,24 @@ def test_train_text_encoder_trains_clip_only(tiny_flux, disc_images, tmp_path):
     assert list((out / "samples").rglob("*.png"))
 
 
+def test_train_t5_trains_both_text_encoders_in_a_full_fine_tune(tiny_flux, disc_images, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    out = tmp_path / "t5"
+    train(load_config(None, overrides(tiny_flux, disc_images, out, steps=2, **{
+        "method.kind": "full", "method.train_text_encoder": "true", "model.options.train_t5": "true",
+        "train.lr": "1e-3", "checkpoint.every": 1,  # T5's tied embeddings go into a checkpoint too
+    })), log=lambda *_: None)
+    assert (out / "checkpoints" / "step-00000002").is_dir()
+    pipe, base = DiffusionPipeline.from_pretrained(str(out)), load_pipe(tiny_flux)
+    for part in ("text_encoder_2", "text_encoder", "transformer"):
+        trained, before = getattr(pipe, part).state_dict(), getattr(base, part).state_dict()
+        assert any(not torch.equal(v, before[k]) for k, v in trained.items()), part
+    with pytest.raises(DifftuneError, match="train_t5 trains T5 in a full fine-tune"):
+        train(load_config(None, overrides(tiny_flux, disc_images, tmp_path / "lora", steps=1, **{
+            "method.train_text_encoder": "true", "model.options.train_t5": "true"})), log=lambda *_: None)
+
+
 def test_t5_leaves_memory_and_cached_prompts_sample_like_the_pipeline(tiny_flux, tmp_path):
     family = family_for(tiny_flux, tmp_path, **{"validation.prompts": f"['{PROMPT}', 'a red cat']"})
     family.after_prompt_cache()

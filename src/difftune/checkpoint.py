@@ -188,10 +188,11 @@ def save_checkpoint(
     import torch
     from safetensors.torch import save_file
 
+    from .util.tensors import for_safetensors
+
     tmp, final = start_checkpoint(output_dir, step, _estimate_bytes(tensors, optimizer_state))
     try:
-        contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        save_file(contiguous, str(tmp / "trainable.safetensors"))
+        save_file(for_safetensors(tensors), str(tmp / "trainable.safetensors"))
         write_rng(tmp, 0, rng_tensors, state.get("rng", {}))
         torch.save(optimizer_state, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=1))

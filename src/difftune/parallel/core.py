@@ -257,9 +257,10 @@ class Parallel:
         from safetensors.torch import save_file
         import torch
 
+        from ..util.tensors import for_safetensors
+
         if self.is_writer:
-            tensors = {k: v.detach().contiguous().cpu() for k, v in trainable_tensors().items()}
-            save_file(tensors, str(folder / "trainable.safetensors"))
+            save_file(for_safetensors(trainable_tensors()), str(folder / "trainable.safetensors"))
             torch.save(optimizer.state_dict(), folder / "optimizer.pt")
 
     def load_weights(self, folder: Path, parts: dict, names: list[str], optimizer: Any,

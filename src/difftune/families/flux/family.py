@@ -18,8 +18,9 @@ Conventions:
   ``[B, max_sequence_length, 4096]`` (T5-XXL last hidden state, ``model.options.max_sequence_length``,
   default 512 as FLUX.1-dev was trained) and ``pooled_prompt_embeds`` ``[B, 768]`` (CLIP-L pooled).
 - Only CLIP is trainable (``method.train_text_encoder``), as in diffusers' FLUX DreamBooth script:
-  `text_encoders` lists it alone. T5 is always frozen; once every prompt (validation prompts
-  included) is cached it is dropped from memory entirely, and samples use the cached embeddings.
+  `text_encoders` lists it alone. T5 is frozen; once every prompt (validation prompts included) is
+  cached it is dropped from memory entirely, and samples use the cached embeddings. A full
+  fine-tune may train T5 too (``model.options.train_t5``; the world pretraining does).
 """
 
 from __future__ import annotations
@@ -120,6 +121,13 @@ class Flux(Family):
     def __init__(self, cfg, device, weight_dtype):
         super().__init__(cfg, device, weight_dtype)
         self._cached: dict[str, tuple[Any, Any]] = {}
+        if self.options.train_t5:
+            from ...methods import get_method_class
+
+            if get_method_class(cfg.method.kind).adapter or not cfg.method.train_text_encoder:
+                raise DifftuneError("model.options.train_t5 trains T5 in a full fine-tune: it needs method.kind=full "
+                                    "and method.train_text_encoder=true")
+            self.text_encoders = ("text_encoder", T5)  # this run's trained text encoders (the class lists CLIP)
 
     @property
     def max_sequence_length(self) -> int:

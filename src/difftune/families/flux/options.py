@@ -21,7 +21,7 @@ WRITTEN_BY_DEFAULT = {"objective.guidance": 1.0, "objective.max_sequence_length"
 
 @dataclass
 class FluxOptions:
-    """`flux`: the guidance value and the T5 sequence length."""
+    """`flux`: the guidance value, the T5 sequence length, and whether T5 trains."""
 
     guidance: float = doc_field(
         1.0, "Guidance-distilled checkpoints (FLUX.1-dev): the value fed to the guidance embedding while training; "
@@ -29,6 +29,11 @@ class FluxOptions:
     )
     max_sequence_length: Optional[int] = doc_field(
         None, f"T5 tokens per prompt, 1-{MAX_T5_TOKENS}; default {MAX_T5_TOKENS}, as FLUX.1-dev was trained."
+    )
+
+    train_t5: bool = doc_field(
+        False, "Full fine-tunes with `method.train_text_encoder`: train T5 as well as CLIP (diffusers' FLUX script "
+        "trains CLIP only; difftune's world pretraining trains both, as text tokens carry word order)."
     )
 
     def problems(self) -> list[str]:
