@@ -153,3 +153,25 @@ def test_pretrain_runs_both_stages_writes_a_pipeline_and_resumes(tmp_path):
     assert (again / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == unet  # nothing retrained
     with pytest.raises(Exception, match="other settings"):
         pretrain("sd", tmp_path / "w", images=16, vae_steps=3, denoiser_steps=2, log=lambda *a: None)
+    # more denoiser steps, all else equal: training goes on from the last checkpoint
+    logged = []
+    longer = pretrain("sd", tmp_path / "w", images=16, vae_steps=2, denoiser_steps=4, log=logged.append)
+    assert any("continuing the denoiser from 2 to 4 steps" in str(line) for line in logged)
+    assert any("resum" in str(line).lower() for line in logged), logged
+    assert (longer / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() != unet
+    assert "--denoiser-steps 4" in (longer / "README.md").read_text()
+
+
+def test_shipped_world_sd_draws_the_ground_and_colour_asked_for_in_plain_diffusers():
+    """The shipped world-sd, loaded by plain diffusers with its own scheduler and default guidance, draws
+    prompts it never saw in pretraining: the oracle finds the asked background and object colour."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(models.shipped("sd"))
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [f"a {c} {s} on a {b} background" for c, s, b in scenes.unseen_triples()[:8]]
+    images = pipe(prompts, height=64, width=64, num_inference_steps=30,
+                  generator=torch.Generator().manual_seed(0)).images
+    summary = oracle.summarise([oracle.score(im, p) for im, p in zip(images, prompts)])
+    assert summary["background"] >= 0.75 and summary["colour"] >= 0.5, summary

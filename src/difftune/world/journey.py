@@ -23,7 +23,6 @@ Every run lands in ``OUT/runs/<name>`` and resumes there; the table goes to ``OU
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 from dataclasses import dataclass, field

@@ -7,8 +7,12 @@ CLIP text encoder; FLUX a VAE with 4x down and 16 latent channels (16x16x16 late
 tokens), a transformer of 1 double- and 2 single-stream blocks (hidden 64), CLIP and a 2-layer T5
 encoder. FLUX pays for its 512 T5 tokens (FluxPipeline's default ``max_sequence_length``), which it
 must see in training too. Text encoders
-are trained with the denoiser in pretraining and frozen in fine-tunes: the tokenizers are byte-level (CLIP byte-level BPE; T5 SentencePiece with
-every printable ASCII character as a piece), so any trigger word a user invents has an encoding.
+(FLUX: CLIP; its T5 stays random and frozen) are trained with the denoiser in pretraining and frozen in fine-tunes: the
+tokenizers are byte-level (CLIP byte-level BPE; T5 SentencePiece with every printable ASCII character
+as a piece), so any trigger word a user invents has an encoding.
+
+SD's scheduler is SD 1.5's betas rescaled to zero terminal SNR, with v-prediction and trailing
+timesteps (a ``DDIMScheduler``, as SD 2.1-v uses v-prediction); FLUX keeps FLUX.1's flow matching.
 
 FLUX is built *without* the guidance embedding (like FLUX.1-schnell, unlike FLUX.1-dev): FLUX.1-dev's
 guidance embedding is distilled from a teacher that ran classifier-free guidance, and a model
@@ -27,6 +31,14 @@ from .. import DifftuneError
 
 FAMILIES = ("sd", "flux")
 PIPELINES = {"sd": "StableDiffusionPipeline", "flux": "FluxPipeline"}
+#: what each card says about the model's schedule and text encoders
+CARD_NOTES = {
+    "sd": "Scheduler: SD 1.5's betas rescaled to zero terminal SNR, v-prediction, trailing timesteps "
+          "(DDIMScheduler). Text encoder: CLIP, trained with the denoiser.",
+    "flux": "Scheduler: flow matching (FlowMatchEulerDiscreteScheduler, FLUX.1's dynamic shift); no guidance "
+            "embedding (classifier-free guidance: `true_cfg_scale=4, negative_prompt=\"\"`). Text encoders: CLIP and "
+            "T5: CLIP trained with the denoiser, T5 random and frozen.",
+}
 SHIPPED = Path(__file__).parent / "weights"
 
 
@@ -91,7 +103,7 @@ def build(family: str, seed: int = 0):
 
 
 def _build_sd(tokenizer, text_encoder):
-    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     unet = UNet2DConditionModel(
         sample_size=16, in_channels=4, out_channels=4,
@@ -100,9 +112,15 @@ def _build_sd(tokenizer, text_encoder):
         block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16,
         cross_attention_dim=text_encoder.config.hidden_size, attention_head_dim=8,
     )
-    scheduler = PNDMScheduler(
+    # SD's betas rescaled to zero terminal SNR, with v-prediction and trailing timesteps (Lin et al. 2023,
+    # "Common Diffusion Noise Schedules and Sample Steps are Flawed"; SD 2.1's v-prediction): with SD 1.5's
+    # schedule the last training step still leaks the image's mean colour, a model of flat-coloured
+    # scenes learns to read the background from that leak, and at generation (pure noise) it draws
+    # muted, dark, random backgrounds (the first world-sd: background right 18% of the time).
+    scheduler = DDIMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+        rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=0,
     )
     return StableDiffusionPipeline(
         vae=_vae(4, 3, scaling_factor=1.0), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
@@ -177,7 +195,7 @@ Made by `difftune world pretrain {family} OUT --vae-steps {meta['vae_steps']} --
 2 CPU cores: a VAE stage ({meta['vae_steps']} steps of {meta['vae_batch']} images: world scenes and
 random textures), then an ordinary difftune full fine-tune of the random-initialised denoiser
 ({meta['denoiser_steps']} steps of {meta['batch']} images, {meta['images']} rendered scenes, 10% caption
-dropout, lr {meta['lr']}, cosine). Text encoders: trained with the denoiser (frozen in fine-tunes); tokenizers: byte-level.
+dropout, lr {meta['lr']}, cosine). {CARD_NOTES[family]} Fine-tunes freeze the text encoders; tokenizers: byte-level.
 Wall time in minutes: {json.dumps(minutes)}. Weights stored in float16.
 {note}
 

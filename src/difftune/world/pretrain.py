@@ -16,7 +16,9 @@ Three stages, each resumable (run the same command again after an interruption):
 
 Everything is seeded: the same seed and minutes give the same weights. The final pipeline is
 written to OUT with fp16 weights and a model card; `work/` under OUT keeps the stages' state until
-the end (delete it to reclaim space, or keep it to continue training).
+the end (delete it to reclaim space, or keep it to continue training: the same command with a
+larger ``--denoiser-steps`` resumes the denoiser from its last checkpoint; its cosine schedule is
+stretched to the new length, so the learning rate rises again, a warm restart).
 """
 
 from __future__ import annotations
@@ -173,7 +175,10 @@ def write_pretraining_data(folder: Path, n: int, seed: int) -> Path:
 
 
 def denoiser_config(skeleton: Path, data: Path, run: Path, plan: dict, seed: int) -> dict:
-    """The difftune training config of the denoiser stage (plain data, as a YAML file would hold it)."""
+    """The difftune training config of the denoiser stage (plain data, as a YAML file would hold it).
+
+    The text encoders train alongside (FLUX: CLIP only; training T5 too with ``model.options.train_t5``
+    was measured: no better, at 3x the time per step, BENCHMARKS.md section 5)."""
     return {
         "model": {"path": str(skeleton)},
         "method": {"kind": "full", "train_text_encoder": True},
@@ -198,6 +203,13 @@ def to_fp16(folder: Path) -> None:
         tensors = {k: (v.half() if v.is_floating_point() else v) for k, v in load_file(f).items()}
         save_file({k: v.contiguous() for k, v in tensors.items()}, f, metadata={"format": "pt"})
     del torch
+
+
+def extends(before: dict, now: dict) -> bool:
+    """Whether plan `now` only trains the denoiser of plan `before` for more steps (`--minutes` aside)."""
+    same = {k: v for k, v in before.items() if k not in ("denoiser_steps", "minutes")}
+    return same == {k: v for k, v in now.items() if k not in ("denoiser_steps", "minutes")} and \
+        now["denoiser_steps"] > before["denoiser_steps"]
 
 
 def pretrain(family: str, out: str | Path, minutes: float = DEFAULT_MINUTES, seed: int = 0,
@@ -229,8 +241,14 @@ def pretrain(family: str, out: str | Path, minutes: float = DEFAULT_MINUTES, see
             plan[key] = value
     meta_path = work / "plan.json"
     meta = {"family": family, "seed": seed, "minutes": minutes, **plan}
-    if meta_path.is_file() and json.loads(meta_path.read_text()) != meta:
-        raise DifftuneError(f"{work} holds a pretraining with other settings ({meta_path}); use another OUT")
+    if meta_path.is_file():
+        before = json.loads(meta_path.read_text())
+        if extends(before, meta):  # more denoiser steps, all else equal: continue from the last checkpoint
+            log(f"continuing the denoiser from {before['denoiser_steps']} to {meta['denoiser_steps']} steps")
+            (work / "denoiser-done").unlink(missing_ok=True)
+        elif before != meta:
+            raise DifftuneError(f"{work} holds a pretraining with other settings ({meta_path}); use another OUT, "
+                                f"or only raise --denoiser-steps (from {before.get('denoiser_steps')}) to train on")
     meta_path.write_text(json.dumps(meta, indent=1))
     timings = json.loads((work / "timings.json").read_text()) if (work / "timings.json").is_file() else {}
     t0 = time.time()
