@@ -1,132 +1,159 @@
-"""`difftune demo`: the whole journey on a built-in tiny model, offline, in a few minutes on a CPU.
+"""`difftune demo`: watch a real (small) base model learn a style it has never seen, in a few minutes on a CPU.
 
-1. write a tiny random Stable Diffusion pipeline (`difftune tiny sd`),
-2. draw a small synthetic dataset (a concept "sks" = an orange disc on a teal ground, with captions),
-3. train a LoRA on it from a config file written beside it (checkpoints, samples, tensorboard),
-4. generate the same prompt and seed before and after with `difftune generate`,
-5. print where everything is, how the training loss moved, and how much the LoRA changed the image.
-
-The tiny model is random, so the images are not pretty; what the demo shows is that every stage
-runs and hands off through files, exactly as with a real model.
+1. copy the shipped world-sd base model (a Stable Diffusion pipeline trained from scratch on difftune's
+   procedural world, see `difftune.world`) and render 12 training images of a held-out style
+   ("dotted", trigger word ``zdots``) over varied shapes and colours, with captions;
+2. train a LoRA on them with the shipped recipe ``configs/world-sd-style-lora.yaml``;
+3. draw held-out prompts (colour/shape/background combinations absent from the training set) with the
+   trigger word, with and without the LoRA, same seeds;
+4. write a labelled grid (rows: prompts; columns: base, with LoRA, a training image) and print what the
+   world's oracle measures in the pixels: how often the style is present and the object colour right,
+   before and after.
 """
 
 from __future__ import annotations
 
 import argparse
-import random
+import json
 import time
 from pathlib import Path
 
 EXAMPLES = """examples:
-  difftune demo                      # writes ./demo-out
+  difftune demo                      # writes ./demo-out (grid.png, figures.json, the run)
   difftune demo --out /tmp/demo --steps 200
 """
 
-CONCEPT_COLOR = (255, 140, 0)
-GROUND_COLOR = (0, 128, 128)
+STYLE = "dotted"
+RECIPE = "world-sd-style-lora.yaml"
+N_PROMPTS = 6
+SEEDS = (0, 1)
+DRAW_STEPS = 20
 
 
-def make_dataset(folder: Path, n: int = 8, size: int = 64, seed: int = 0) -> Path:
-    """`n` images of the demo concept with sidecar captions."""
+def recipe_text(name: str = RECIPE) -> str:
+    """The shipped style recipe, from the checkout's configs/ (a clone or `pip install -e .`)."""
+    path = Path(__file__).resolve().parents[2] / "configs" / name
+    if not path.is_file():
+        from . import DifftuneError
+
+        raise DifftuneError(f"the recipe {path} is missing: run the demo from a difftune checkout (pip install -e .)")
+    return path.read_text()
+
+
+def eval_prompts(train_scenes, n: int = N_PROMPTS) -> list[str]:
+    """`n` styled prompts whose (colour, shape, background) none of the training images has, all shapes."""
+    import random
+
+    from .world import scenes
+
+    seen = {(s.colour, s.shape, s.background) for s in train_scenes}
+    seen_pairs = {(s.colour, s.shape) for s in train_scenes}
+    candidates = [t for t in scenes.all_triples() if t not in seen and (t[0], t[1]) not in seen_pairs]
+    random.Random(3).shuffle(candidates)
+    chosen = []
+    for shape in scenes.SHAPES * n:
+        pick = next((t for t in candidates if t[1] == shape and t not in chosen), None)
+        if pick:
+            chosen.append(pick)
+        if len(chosen) == n:
+            break
+    word = scenes.style_word(STYLE)
+    return [f"a {c} {s} on a {b} background in {word} style" for c, s, b in chosen]
+
+
+def _grid(rows: list[tuple[str, list]], headers: list[str], path: Path, scale: int = 2) -> Path:
+    """A labelled grid PNG: a header row, then per prompt its images side by side and the prompt below."""
     from PIL import Image, ImageDraw
 
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    for i in range(n):
-        image = Image.new("RGB", (size, size), GROUND_COLOR)
-        draw = ImageDraw.Draw(image)
-        r = rng.randint(size // 5, size // 3)
-        cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=CONCEPT_COLOR)
-        image.save(folder / f"disc-{i:02d}.png")
-        (folder / f"disc-{i:02d}.txt").write_text("a photo of sks disc", encoding="utf-8")
-    return folder
+    cell, pad, text_h = 64 * scale, 6, 14
+    width = pad + len(headers) * (cell + pad)
+    height = text_h + pad + len(rows) * (cell + text_h + pad)
+    grid = Image.new("RGB", (max(width, 420), height), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for j, h in enumerate(headers):
+        draw.text((pad + j * (cell + pad), 2), h, fill=(0, 0, 0))
+    for i, (label, images) in enumerate(rows):
+        y = text_h + pad + i * (cell + text_h + pad)
+        for j, image in enumerate(images):
+            grid.paste(image.convert("RGB").resize((cell, cell), Image.NEAREST), (pad + j * (cell + pad), y))
+        draw.text((pad, y + cell + 1), label, fill=(0, 0, 0))
+    grid.save(path)
+    return path
 
 
-def _config_text(model: Path, data: Path, output: Path, steps: int, resolution: int) -> str:
-    return f"""# Written by `difftune demo`. Run it yourself with: difftune train {output.parent / 'demo.yaml'}
-model:
-  path: {model}
-method:
-  kind: lora
-  rank: 8
-  alpha: 8
-data:
-  resolution: {resolution}
-  concepts:
-    - dir: {data}
-      prompt: "a photo of sks disc"
-      repeats: 2
-train:
-  steps: {steps}
-  batch_size: 2
-  lr: 1.0e-3
-  seed: 0
-  precision: "no"
-  log_every: 10
-checkpoint:
-  every: {max(1, steps // 2)}
-  keep: 2
-validation:
-  prompts: ["a photo of sks disc"]
-  steps: 10
-output_dir: {output}
-"""
+def run_demo(out: Path, steps: int | None = None) -> dict:
+    """Run the demo into `out`; returns the figures it printed."""
+    import yaml
 
-
-def _mean_abs_difference(a: Path, b: Path) -> float:
-    """Mean absolute difference of two images, in 8-bit levels."""
-    import numpy as np
-    from PIL import Image
-
-    pa = np.asarray(Image.open(a).convert("RGB"), dtype=np.float32)
-    pb = np.asarray(Image.open(b).convert("RGB"), dtype=np.float32)
-    return float(np.abs(pa - pb).mean())
-
-
-def run_demo(out: Path, steps: int = 150) -> dict:
-    """Run the demo into `out`; returns the paths and figures it printed."""
-    from .config import load_config
-    from .inference.generate import generate
-    from .tiny import make_tiny, tiny_resolution
-    from .train import read_losses, train
+    from .config import config_from_dict
+    from .train import train
+    from .world import models, oracle, scenes
+    from .world.bench import draw, load_pipeline
 
     t0 = time.time()
     out = out.resolve()
-    resolution = tiny_resolution("sd")
-    model = make_tiny("sd", out / "tiny-sd")
-    data = make_dataset(out / "data", size=resolution)
-    run_dir = out / "run"
-    config_path = out / "demo.yaml"
-    config_path.write_text(_config_text(model, data, run_dir, steps, resolution))
-    print(f"[1/4] tiny model in {model}, {len(list(data.glob('*.png')))} images in {data}, config {config_path}")
+    out.mkdir(parents=True, exist_ok=True)
+    model = out / "world-sd"
+    if not (model / "model_index.json").is_file():
+        models.write_shipped("sd", model)
+    train_scenes = scenes.style_set(STYLE, 12, seed=0)
+    data = out / "data"
+    scenes.write_dataset(data, train_scenes)
+    config = yaml.safe_load(recipe_text())
+    config["model"]["path"] = str(model)
+    config["data"]["concepts"][0]["dir"] = str(data)
+    config["output_dir"] = str(out / "run")
+    if steps is not None:
+        config["train"]["steps"] = steps
+    (out / "demo.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    prompts = eval_prompts(train_scenes)
+    print(f"[1/4] base model {model}; 12 '{scenes.style_word(STYLE)}' training images in {data}; "
+          f"recipe {out / 'demo.yaml'}")
 
-    prompt = "a photo of sks disc"
-    before = generate(str(model), prompt, out / "before", steps=20, seed=0, width=resolution, height=resolution,
-                      progress=False)[0]
-    print(f"[2/4] before training: {before}")
+    pipe = load_pipeline(str(model))
+    before = [im for seed in SEEDS for im in draw(pipe, prompts, seed, DRAW_STEPS)]
+    print(f"[2/4] base model drew {len(before)} images of {len(prompts)} held-out prompts")
 
-    train(load_config(config_path))
-    print(f"[3/4] trained LoRA: {run_dir / 'pytorch_lora_weights.safetensors'}")
+    t_train = time.time()
+    train(config_from_dict(config), log=lambda *a: None)
+    t_train = time.time() - t_train
+    print(f"[3/4] LoRA trained in {t_train:.0f}s: {out / 'run' / 'pytorch_lora_weights.safetensors'}")
 
-    after = generate(str(model), prompt, out / "after", loras=[(str(run_dir), 1.0)], steps=20, seed=0,
-                     width=resolution, height=resolution, progress=False)[0]
-    changed = _mean_abs_difference(before, after)
-    losses = [r["loss"] for r in read_losses(run_dir)]
-    window = max(1, len(losses) // 5)
-    first, last = sum(losses[:window]) / window, sum(losses[-window:]) / window
-    print(f"[4/4] after training:  {after}")
-    print(f"training loss: {first:.4f} (first {window} steps) -> {last:.4f} (last {window}); "
-          f"the LoRA changed the image by {changed:.1f} levels per pixel on average (same prompt and seed)")
-    print(f"samples: {run_dir / 'samples'}   checkpoints: {run_dir / 'checkpoints'}   "
-          f"tensorboard: tensorboard --logdir {run_dir / 'logs'}")
-    print(f"demo finished in {time.time() - t0:.0f}s")
-    return {"before": before, "after": after, "run": run_dir, "loss_first": first, "loss_last": last, "changed": changed}
+    pipe.load_lora_weights(str(out / "run"))
+    after = [im for seed in SEEDS for im in draw(pipe, prompts, seed, DRAW_STEPS)]
+    labels = prompts * len(SEEDS)
+    for name, images in (("base", before), ("lora", after)):
+        (out / name).mkdir(exist_ok=True)
+        for k, image in enumerate(images):
+            image.save(out / name / f"{k % len(prompts):03d}-seed{k // len(prompts)}.png")
+
+    def figures(images):
+        results = [oracle.score(im, p) for im, p in zip(images, labels)]
+        s = oracle.summarise(results)
+        return {"style_present": s["style"], "colour_right": s["colour"], "shape_right": s["shape"],
+                "background_right": s["background"]}
+
+    fig = {"before": figures(before), "after": figures(after), "prompts": prompts, "seeds": list(SEEDS),
+           "train_seconds": round(t_train, 1)}
+    examples = [scenes.to_pil(scenes.render(s)) for s in train_scenes]
+    rows = [(p, [before[i], after[i], examples[i % len(examples)]]) for i, p in enumerate(prompts)]
+    grid = _grid(rows, ["base", "with LoRA", "a training image"], out / "grid.png")
+    b, a = fig["before"], fig["after"]
+    print(f"[4/4] grid: {grid}")
+    print(f"oracle, {len(labels)} images ({len(prompts)} held-out prompts x {len(SEEDS)} seeds):")
+    print(f"  style '{STYLE}' present: {100 * b['style_present']:.0f}% before -> {100 * a['style_present']:.0f}% after")
+    print(f"  object colour right:     {100 * b['colour_right']:.0f}% before -> {100 * a['colour_right']:.0f}% after")
+    print(f"  shape right:             {100 * b['shape_right']:.0f}% before -> {100 * a['shape_right']:.0f}% after")
+    print(f"  background right:        {100 * b['background_right']:.0f}% before -> {100 * a['background_right']:.0f}% after")
+    fig["seconds"] = round(time.time() - t0, 1)
+    (out / "figures.json").write_text(json.dumps(fig, indent=1))
+    print(f"demo finished in {fig['seconds']:.0f}s (training {t_train:.0f}s); figures in {out / 'figures.json'}")
+    return fig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo-out", help="folder for everything the demo writes (default demo-out)")
-    parser.add_argument("--steps", type=int, default=150, help="training steps (default 150)")
+    parser.add_argument("--steps", type=int, default=None, help="LoRA training steps (default: the recipe's)")
 
 
 def run(args: argparse.Namespace) -> int:
