@@ -1,4 +1,5 @@
-"""`difftune demo`: watch a real (small) base model learn a style it has never seen, in a few minutes on a CPU.
+"""`difftune demo`: a real (small) base model fine-tuned on a style it has never seen, measured, in a few
+minutes on a CPU (how well it learns today: BENCHMARKS.md section 5).
 
 1. copy the shipped world-sd base model (a Stable Diffusion pipeline trained from scratch on difftune's
    procedural world, see `difftune.world`) and render 12 training images of a held-out style

@@ -120,7 +120,7 @@ def _build_sd(tokenizer, text_encoder):
     scheduler = DDIMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing",
-        clip_sample=False, set_alpha_to_one=False, steps_offset=0,
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1,  # unused with trailing spacing; 1 = no warning
     )
     return StableDiffusionPipeline(
         vae=_vae(4, 3, scaling_factor=1.0), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
