@@ -87,6 +87,7 @@ def run_demo(out: Path, steps: int | None = None) -> dict:
     import yaml
 
     from .config import config_from_dict
+    from .preflight import finished_step
     from .train import train
     from .world import models, oracle, scenes
     from .world.bench import draw, load_pipeline
@@ -116,9 +117,18 @@ def run_demo(out: Path, steps: int | None = None) -> dict:
     print(f"[2/4] base model drew {len(before)} images of {len(prompts)} held-out prompts")
 
     t_train = time.time()
-    train(config_from_dict(config), log=lambda *a: None)
+    cfg = config_from_dict(config)
+    done, _ = finished_step(cfg)
+    weights = out / "run" / "pytorch_lora_weights.safetensors"
+    if done == cfg.train.steps and weights.is_file():  # a rerun on the same folder keeps the finished LoRA
+        print(f"[3/4] LoRA already trained ({done} steps) in an earlier run: {weights} (delete {out / 'run'} "
+              "to train it again)")
+    else:
+        if done > cfg.train.steps:  # an earlier demo trained longer: start this one over
+            cfg = config_from_dict({**config, "checkpoint": {**config.get("checkpoint", {}), "resume": "never"}})
+        train(cfg, log=lambda *a: None)
+        print(f"[3/4] LoRA trained in {time.time() - t_train:.0f}s: {weights}")
     t_train = time.time() - t_train
-    print(f"[3/4] LoRA trained in {t_train:.0f}s: {out / 'run' / 'pytorch_lora_weights.safetensors'}")
 
     pipe.load_lora_weights(str(out / "run"))
     after = [im for seed in SEEDS for im in draw(pipe, prompts, seed, DRAW_STEPS)]

@@ -7,6 +7,7 @@ out of pretraining) with two seeds through the plain diffusers pipeline at its d
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from pathlib import Path
@@ -45,9 +46,20 @@ def draw(pipe, prompts: list[str], seed: int, steps: int = 30, **kwargs):
                 generator=generator, **kwargs).images
 
 
+def guidance_kwargs(pipe, guidance: float | None) -> dict:
+    """The pipeline's keyword for a classifier-free guidance scale: FLUX without a guidance embedding
+    guides through ``true_cfg_scale`` (with an empty negative prompt), the others through ``guidance_scale``."""
+    if guidance is None:
+        return {}
+    if "true_cfg_scale" in inspect.signature(pipe.__call__).parameters:
+        return {"true_cfg_scale": guidance, "negative_prompt": ""}
+    return {"guidance_scale": guidance}
+
+
 def base_quality(model: str, out: Path | None = None, n_prompts: int = 64, seeds: int = 2, steps: int = 30,
-                 log=print) -> dict:
-    """Oracle figures of `model` on `n_prompts` unseen prompts x `seeds` seeds; also written to `out`."""
+                 log=print, guidance: float | None = None) -> dict:
+    """Oracle figures of `model` on `n_prompts` unseen prompts x `seeds` seeds; also written to `out`.
+    `guidance` sets the classifier-free guidance scale (None: the pipeline's default)."""
     t0 = time.time()
     pipe = load_pipeline(model)
     prompts = [f"a {c} {s} on a {b} background" for c, s, b in scenes.unseen_triples()[:n_prompts]]
@@ -55,15 +67,16 @@ def base_quality(model: str, out: Path | None = None, n_prompts: int = 64, seeds
     for seed in range(seeds):
         for i in range(0, len(prompts), 16):
             chunk = prompts[i : i + 16]
-            for j, image in enumerate(draw(pipe, chunk, seed, steps)):
+            for j, image in enumerate(draw(pipe, chunk, seed, steps, **guidance_kwargs(pipe, guidance))):
                 r = oracle.score(image, chunk[j])
                 results.append({"prompt": chunk[j], "seed": seed, **r})
                 if out is not None:
                     (out / "images").mkdir(parents=True, exist_ok=True)
                     image.save(out / "images" / f"{i + j:03d}-seed{seed}.png")
     summary = {k: round(v, 4) for k, v in oracle.summarise(results).items() if k != "style"}
-    summary.update(images=len(results), seconds=round(time.time() - t0, 1))
-    log(f"{model}: {len(results)} images of {len(prompts)} unseen prompts x {seeds} seeds, {steps} steps: "
+    summary.update(images=len(results), seconds=round(time.time() - t0, 1), guidance=guidance)
+    g = "the pipeline's default guidance" if guidance is None else f"guidance {guidance:g}"
+    log(f"{model}: {len(results)} images of {len(prompts)} unseen prompts x {seeds} seeds, {steps} steps, {g}: "
         + ", ".join(f"{k} right {100 * summary[k]:.1f}%" for k in ("background", "colour", "shape")))
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

@@ -50,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the pipeline's own, 7.5 for SD)")
 
     from . import journey
 
@@ -123,5 +125,9 @@ def _render(args) -> int:
 def _bench(args) -> int:
     from .bench import base_quality
 
-    base_quality(args.model, args.out, args.prompts, args.seeds, args.steps)
+    if args.guidance is not None and args.guidance < 1:
+        from .. import DifftuneError
+
+        raise DifftuneError(f"--guidance must be at least 1 (1 = no guidance), got {args.guidance}")
+    base_quality(args.model, args.out, args.prompts, args.seeds, args.steps, guidance=args.guidance)
     return 0
