@@ -433,10 +433,11 @@ def setup(cfg: "Config") -> Parallel:
 
         strategy_cls = FullShard
     elif name == "deepspeed":
-        from .zero import DeepSpeedZero, plugin
+        from .zero import DeepSpeedZero, plugin, process_group_kwargs
 
         strategy_cls = DeepSpeedZero
         kwargs["deepspeed_plugin"] = plugin(cfg)
+        kwargs["kwargs_handlers"] = process_group_kwargs()
     out = Path(cfg.output_dir)
     accelerator = Accelerator(mixed_precision=cfg.train.precision, log_with=list(cfg.train.report_to) or None,
                               project_dir=str(out / "logs"), **kwargs)
@@ -445,6 +446,7 @@ def setup(cfg: "Config") -> Parallel:
     if name == "deepspeed" and accelerator.distributed_type.value != "DEEPSPEED":
         raise DifftuneError(
             "parallel.strategy=deepspeed: accelerate did not start DeepSpeed (it never does with ACCELERATE_USE_CPU=true "
-            "or --cpu); on a machine without GPUs launch with DS_ACCELERATOR=cpu and without them"
+            "or --cpu); on a machine without GPUs launch with `accelerate launch --use_deepspeed --num_processes N` "
+            "and without them"
         )
     return strategy_cls(cfg, accelerator)

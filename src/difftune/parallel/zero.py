@@ -50,6 +50,20 @@ def plugin(cfg: Any) -> Any:
     return ds
 
 
+def process_group_kwargs() -> list:
+    """accelerate's process-group settings for DeepSpeed: none on GPUs; the backend of DeepSpeed's CPU
+    accelerator (gloo) on a machine without them. accelerate takes its CPU path only with ACCELERATE_USE_CPU,
+    which also turns DeepSpeed off; without it and without a GPU it picks no backend, and then counts one
+    process on every rank (accelerate/state.py, `PartialState.__init__`: ``if self.backend is None:``)."""
+    from accelerate.utils import InitProcessGroupKwargs
+    from deepspeed.accelerator import get_accelerator
+
+    ds = get_accelerator()
+    if ds.device_name() != "cpu":
+        return []
+    return [InitProcessGroupKwargs(backend=ds.communication_backend_name())]
+
+
 class DeepSpeedZero(Parallel):
     """``parallel.strategy: deepspeed``."""
 
@@ -79,8 +93,16 @@ class DeepSpeedZero(Parallel):
 
         return extract_model_from_parallel(module)
 
+    @contextlib.contextmanager
     def no_sync(self, parts, names, sync):
-        return contextlib.nullcontext()  # the engine accumulates and reduces at its own boundary
+        """The engine accumulates and reduces at its own boundary, which accelerate's `backward` sets from
+        `sync_gradients` (True outside `accelerator.accumulate`): so each micro-batch says whether it is the last."""
+        state = self.accelerator.gradient_state
+        state._set_sync_gradients(sync)
+        try:
+            yield
+        finally:
+            state._set_sync_gradients(True)
 
     def backward(self, loss: Any) -> None:
         # the loop divides by grad_accum; the engine divides again unless told not to
@@ -96,7 +118,8 @@ class DeepSpeedZero(Parallel):
         """The engine stepped at the end of `backward`."""
 
     def save_weights(self, folder: Path, parts, names, optimizer, trainable_tensors: Callable[[], dict]) -> None:
-        self.engine.save_checkpoint(str(folder / DS_FOLDER), tag=TAG, save_latest=False)
+        self.engine.save_checkpoint(str(folder / DS_FOLDER), tag=TAG, save_latest=False,
+                                    exclude_frozen_parameters=True)  # a LoRA checkpoint holds the LoRA only
 
     def load_weights(self, folder: Path, parts, names, optimizer, restore: Callable[[dict], None]) -> None:
         from ..checkpoint import CheckpointError
@@ -104,7 +127,7 @@ class DeepSpeedZero(Parallel):
         if not (folder / DS_FOLDER).is_dir():
             raise CheckpointError(f"checkpoint {folder} was not written by deepspeed; resume it with the strategy that wrote it")
         path, _ = self.engine.load_checkpoint(str(folder / DS_FOLDER), tag=TAG, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
+                                              load_lr_scheduler_states=False, load_module_strict=False)
         if path is None:
             raise CheckpointError(f"DeepSpeed could not read the checkpoint in {folder}")
 
