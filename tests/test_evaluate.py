@@ -208,6 +208,19 @@ def test_eval_bad_input_one_line(tmp_path, world_run, capsys):
     assert before == after  # nothing written
 
 
+def test_eval_of_a_sweep_folder_scores_the_runs_its_sweep_json_names(tmp_path, capsys):
+    """`difftune eval SWEEP` stands for the sweep's runs (not the sweep's own compare/ or sweep.json)."""
+    import json
+
+    sweep = tmp_path / "sw"
+    (sweep / "compare").mkdir(parents=True)
+    (sweep / "rank-4").mkdir()
+    (sweep / "sweep.json").write_text(json.dumps({"runs": [{"name": "rank-4", "dir": "rank-4", "status": "done"}]}))
+    assert main(["eval", str(sweep)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{sweep / 'rank-4'}: not a difftune run" in err, err
+
+
 def test_eval_flux_run(tmp_path, tiny_flux):
     data = world_folder(tmp_path / "dots", n=2)
     out = train(load_config(None, base_overrides(tiny_flux, data, tmp_path / "run", steps=1, **{

@@ -47,17 +47,17 @@ def ds_launch(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
     return done
 
 
-def assert_zero2(done: subprocess.CompletedProcess, out: Path, processes: int = 2) -> None:
-    """2 processes ran ZeRO-2, and each wrote its own partition of the optimizer states."""
+def assert_zero2(done: subprocess.CompletedProcess, out: Path, processes: int = 2, stage: int = 2) -> None:
+    """2 processes ran ZeRO-`stage`, and each wrote its own partition of the optimizer states."""
     assert_ran(done, "deepspeed", processes)
-    assert "(ZeRO-2)" in next(line for line in (done.stdout + done.stderr).splitlines() if line.startswith("parallel: "))
+    assert f"(ZeRO-{stage})" in next(line for line in (done.stdout + done.stderr).splitlines() if line.startswith("parallel: "))
     newest = sorted((out / "checkpoints").glob("step-*"))[-1] / "deepspeed" / "state"
     parts = sorted(newest.glob("*optim_states.pt"))
     assert len(parts) == processes, sorted(p.name for p in newest.iterdir())
 
 
-def lora_args(config, model, data, out) -> list[str]:
-    extra = {"parallel.strategy": "deepspeed", "parallel.zero_stage": 2, "method.rank": 4, "method.dropout": 0.1,
+def lora_args(config, model, data, out, stage: int = 2) -> list[str]:
+    extra = {"parallel.strategy": "deepspeed", "parallel.zero_stage": stage, "method.rank": 4, "method.dropout": 0.1,
              "train.batch_size": 1, "checkpoint.every": 2, "checkpoint.keep": 2}
     return ["train", str(config), *base_overrides(model, data, out, steps=4, **extra)]
 
@@ -119,3 +119,15 @@ def test_zero2_full_fine_tune_with_accumulation_equals_one_process(setup, tiny_s
     np.testing.assert_allclose(losses(out), losses(reference), rtol=0, atol=1e-6)
     base = part_weights(tiny_sd, "unet")
     assert max(float((part_weights(out, "unet")[k] - base[k]).abs().max()) for k in base) > 1e-3, "nothing trained"
+
+
+def test_zero3_lora_partitions_only_the_trained_part_and_equals_zero2(setup, tiny_sd, lora_zero2):
+    """ZeRO-3 (the default stage) partitions the trained UNet, not the frozen CLIP (which transformers would
+    partition at load if accelerate's ZeRO config stayed registered with it), and gathers the same LoRA."""
+    root, config, data = setup
+    out = root / "lora-zero3"
+    done = ds_launch(lora_args(config, tiny_sd, data, out, stage=3))
+    assert_zero2(done, out, stage=3)
+    a, b = load_file(str(out / "pytorch_lora_weights.safetensors")), load_file(str(lora_zero2[0] / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5

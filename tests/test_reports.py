@@ -322,3 +322,17 @@ def test_a_report_that_cannot_be_drawn_does_not_stop_training(tmp_path, tiny_sd,
     out = train(load_config(None, base_overrides(tiny_sd, data, tmp_path / "run", steps=1)), log=lines.append)
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     assert "warning: report.html not written (ValueError: no fonts)" in lines
+
+
+def test_scores_of_a_difftune_eval_file_are_its_final_weights_metrics():
+    """The comparison's score table reads `difftune eval`'s own eval.json: one column per metric of the
+    final weights (not one per list index and setting)."""
+    from difftune.reports.run import flat_scores, lower_is_better
+
+    doc = {"settings": {"steps": 20, "guidance": 7.5, "seed": 0},
+           "results": [{"weights": "base", "step": 0, "metrics": {"zdots.score": 0.1, "drift": 0.0}},
+                       {"weights": "step-00000050", "step": 50, "metrics": {"zdots.score": 0.4, "drift": 0.2}},
+                       {"weights": "final", "step": 100, "metrics": {"zdots.score": 0.9, "drift": 0.3}}]}
+    assert flat_scores(doc) == {"zdots.score": 0.9, "drift": 0.3}
+    assert lower_is_better("drift") and not lower_is_better("zdots.score")
+    assert flat_scores({"style": {"oracle": 0.5}, "drift": 0.5}) == {"style/oracle": 0.5, "drift": 0.5}  # other files as before

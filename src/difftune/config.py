@@ -313,7 +313,7 @@ class ParallelConfig:
         "auto",
         "`auto`: `ddp` with several processes, none with one; `ddp` replicates the trained weights; `fsdp` shards "
         "them, their gradients and optimizer states (FSDP2, one unit per block); `deepspeed` uses DeepSpeed ZeRO "
-        "through accelerate (`pip install deepspeed`; GPUs only, untested). `difftune plan CONFIG` says which fits.",
+        "through accelerate (`pip install deepspeed`; ZeRO-2 and ZeRO-3 tested on CPU processes). `difftune plan CONFIG` says which fits.",
     )
     zero_stage: Literal[2, 3] = _f(3, "DeepSpeed ZeRO stage: 2 shards gradients and optimizer states, 3 weights too.")
     cpu_offload: bool = _f(

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 EXAMPLES = """examples:
   difftune eval runs/style                         # base, every checkpoint and the final weights
   difftune eval runs/style runs/style-then-place --select zdots.score
   difftune eval runs/style/checkpoints/step-00000200
+  difftune eval runs/seed001/lora                  # a sweep folder: each of its runs
   difftune eval runs/dog --prompts eval-prompts.yaml --clip-model openai/clip-vit-base-patch32
 
 Writes RUN/eval.json (format in the README) and prints a table per run. Scores: the world oracle when
@@ -17,7 +19,8 @@ training images and DINOv2 drift from the base's images (same seeds).
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs", nargs="+", metavar="RUN_OR_CHECKPOINT", help="run output_dir(s) or checkpoint folder(s)")
+    parser.add_argument("runs", nargs="+", metavar="RUN_OR_CHECKPOINT",
+                        help="run output_dir(s), checkpoint folder(s), or sweep folder(s) (with sweep.json: all their runs)")
     parser.add_argument("--prompts", default=None, metavar="FILE",
                         help="YAML/JSON with `concepts: {NAME: [PROMPT...]}` and `neutral: [PROMPT...]`")
     parser.add_argument("--select", default=None, metavar="METRIC",
@@ -34,12 +37,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import DifftuneError
+    from ..reports.compare import expand
     from .core import evaluate_run, table
 
     for value, name in ((args.steps, "--steps"), (args.num, "--num"), (args.per_concept, "--per-concept")):
         if value is not None and value < 1:
             raise DifftuneError(f"{name} must be >= 1")
-    for run_dir in args.runs:
+    runs: list = []
+    for path in args.runs:  # a sweep folder stands for the runs its sweep.json names
+        runs += expand([path], print) if (Path(path) / "sweep.json").is_file() else [path]
+    for run_dir in runs:
         data = evaluate_run(run_dir, prompts_file=args.prompts, scorer_kind=args.scorer, clip_model=args.clip_model,
                             dino_model=args.dino_model, steps=args.steps, num=args.num, seed=args.seed,
                             per_concept=args.per_concept, device=args.device, select_metric=args.select)

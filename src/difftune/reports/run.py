@@ -137,7 +137,13 @@ def load_run(folder: str | Path) -> Run:
 
 
 def flat_scores(scores: object, prefix: str = "") -> dict[str, float]:
-    """The numeric leaves of an ``eval.json`` as ``{"a/b/c": value}`` (lists by index)."""
+    """The numeric leaves of an ``eval.json`` as ``{"a/b/c": value}`` (lists by index). The file
+    `difftune eval` writes (``results``: one entry per set of weights) gives the metrics of the run's
+    final weights (else its last entry): the run's own result, comparable across runs."""
+    results = scores.get("results") if isinstance(scores, dict) and not prefix else None
+    if isinstance(results, list) and results and all(isinstance(r, dict) and "metrics" in r for r in results):
+        final = next((r for r in results if r.get("weights") == "final"), results[-1])
+        return flat_scores(final["metrics"], "")
     out: dict[str, float] = {}
     if isinstance(scores, bool):
         return out
