@@ -182,8 +182,17 @@ def lora_fsdp(setup, tiny_sd):
     return out, launch(args), args
 
 
-def lora_args(config, model, data, out) -> list[str]:
-    extra = {"parallel.strategy": "fsdp", "method.rank": 4, "method.dropout": 0.1, "train.batch_size": 1,
+@pytest.fixture(scope="module")
+def lora_ddp(setup, tiny_sd):
+    """The same LoRA run under DDP."""
+    root, config, data = setup
+    out = root / "lora-ddp"
+    args = lora_args(config, tiny_sd, data, out, strategy="ddp")
+    return out, launch(args), args
+
+
+def lora_args(config, model, data, out, strategy: str = "fsdp") -> list[str]:
+    extra = {"parallel.strategy": strategy, "method.rank": 4, "method.dropout": 0.1, "train.batch_size": 1,
              "checkpoint.every": 2, "checkpoint.keep": 2}
     return ["train", str(config), *base_overrides(model, data, out, steps=6, **extra)]
 
@@ -207,13 +216,15 @@ def test_lora_under_fsdp_saves_a_file_diffusers_loads(lora_fsdp, tiny_sd):
     assert np.abs(image() - base).max() > 1e-4, "the LoRA did not change the images"
 
 
-def test_sigkill_of_the_launcher_then_rerun_is_bit_identical(setup, tiny_sd, lora_fsdp):
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_sigkill_of_the_launcher_then_rerun_is_bit_identical(setup, tiny_sd, strategy, request):
     """The whole machine dies (launcher and workers, SIGKILL) after the step-2 checkpoint; a rerun of the same
     command resumes on 2 processes and ends with the same weights and losses, bit for bit."""
     root, config, data = setup
-    reference, _, _ = lora_fsdp
-    out = root / "lora-killed"
-    args = lora_args(config, tiny_sd, data, out)
+    reference, done_reference, _ = request.getfixturevalue(f"lora_{strategy}")
+    assert_ran(done_reference, strategy, 2)
+    out = root / f"lora-{strategy}-killed"
+    args = lora_args(config, tiny_sd, data, out, strategy=strategy)
     proc = subprocess.Popen(launcher(2, args, free_port()), env=env(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
