@@ -73,6 +73,30 @@ def assert_ran(done: subprocess.CompletedProcess, strategy: str, processes: int 
     assert line.startswith(expected) and f"{processes} processes on {machines} machine" in line, line or text[-2000:]
 
 
+def assert_lora_loads_and_changes_images(model: Path, out: Path) -> None:
+    """The run's LoRA file loads in plain diffusers and changes what the pipeline draws."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(model), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+
+    def image():
+        return pipe(PROMPT, num_inference_steps=2, height=64, width=64, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images[0]
+
+    base = image()
+    pipe.load_lora_weights(str(out))
+    assert len(pipe.unet.peft_config) == 1
+    assert np.abs(image() - base).max() > 1e-4, "the LoRA did not change the images"
+
+
+def assert_same_lora_and_losses(out: Path, reference: Path) -> None:
+    """Bit for bit: the same LoRA tensors and the same logged losses."""
+    a, b = load_file(str(out / "pytorch_lora_weights.safetensors")), load_file(str(reference / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(out) == losses(reference)
+
+
 def assert_sharded(out: Path, processes: int = 2) -> None:
     """Each process wrote its own DCP shard, holding well under the whole of the weights."""
     newest = sorted((out / "checkpoints").glob("step-*"))[-1] / "sharded"
@@ -198,22 +222,10 @@ def lora_args(config, model, data, out, strategy: str = "fsdp") -> list[str]:
 
 
 def test_lora_under_fsdp_saves_a_file_diffusers_loads(lora_fsdp, tiny_sd):
-    from diffusers import StableDiffusionPipeline
-
     out, done, _ = lora_fsdp
     assert_ran(done, "fsdp")
     assert_sharded(out)
-    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd), safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-
-    def image():
-        return pipe(PROMPT, num_inference_steps=2, height=64, width=64, output_type="np",
-                    generator=torch.Generator().manual_seed(0)).images[0]
-
-    base = image()
-    pipe.load_lora_weights(str(out))
-    assert len(pipe.unet.peft_config) == 1
-    assert np.abs(image() - base).max() > 1e-4, "the LoRA did not change the images"
+    assert_lora_loads_and_changes_images(tiny_sd, out)
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
@@ -244,9 +256,7 @@ def test_sigkill_of_the_launcher_then_rerun_is_bit_identical(setup, tiny_sd, str
     assert not (out / "pytorch_lora_weights.safetensors").exists(), "the run ended before the kill"
     done = launch(args)
     assert "resuming from" in done.stdout + done.stderr
-    a, b = load_file(str(out / "pytorch_lora_weights.safetensors")), load_file(str(reference / "pytorch_lora_weights.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert losses(out) == losses(reference)
+    assert_same_lora_and_losses(out, reference)
 
 
 def test_two_machines_with_a_disk_each_train_and_agree_with_one(setup, tiny_sd, sd_ddp):

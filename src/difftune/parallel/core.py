@@ -443,17 +443,4 @@ def setup(cfg: "Config") -> Parallel:
                               project_dir=str(out / "logs"), **kwargs)
     if name != "none" and accelerator.num_processes != processes():
         raise DifftuneError(f"the launcher started {processes()} processes but {accelerator.num_processes} joined the group")
-    if name == "deepspeed":
-        # accelerate registers its ZeRO config with transformers, whose from_pretrained would then partition
-        # every transformers model it loads (ZeRO-3), frozen text encoders included; only the trained part
-        # is DeepSpeed's, through `prepare`
-        from transformers.integrations import unset_hf_deepspeed_config
-
-        unset_hf_deepspeed_config()
-    if name == "deepspeed" and accelerator.distributed_type.value != "DEEPSPEED":
-        raise DifftuneError(
-            "parallel.strategy=deepspeed: accelerate did not start DeepSpeed (it never does with ACCELERATE_USE_CPU=true "
-            "or --cpu); on a machine without GPUs launch with `accelerate launch --use_deepspeed --num_processes N` "
-            "and without them"
-        )
     return strategy_cls(cfg, accelerator)

@@ -70,6 +70,20 @@ class DeepSpeedZero(Parallel):
     name = "deepspeed"
 
     def __init__(self, cfg, accelerator):
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        from .. import DifftuneError
+
+        if accelerator.distributed_type.value != "DEEPSPEED":
+            raise DifftuneError(
+                "parallel.strategy=deepspeed: accelerate did not start DeepSpeed (it never does with "
+                "ACCELERATE_USE_CPU=true or --cpu); on a machine without GPUs launch with `accelerate launch "
+                "--use_deepspeed --num_processes N` and without them"
+            )
+        # accelerate registers its ZeRO config with transformers, whose from_pretrained would then partition
+        # every transformers model it loads (ZeRO-3), frozen text encoders included; only the trained part
+        # is DeepSpeed's, through `prepare`
+        unset_hf_deepspeed_config()
         super().__init__(cfg, accelerator)
         self.sharded = True
         self.sample_on_every_rank = cfg.parallel.zero_stage == 3
