@@ -102,6 +102,18 @@ def test_tokenizers_are_byte_level_any_trigger_word_encodes():
         assert t5.unk_token_id not in t5(f"a red circle in {word} style").input_ids
 
 
+def test_world_vocabulary_words_are_whole_clip_tokens_and_triggers_are_not():
+    """Colours, shapes and the caption's frame words are single tokens (as in a real CLIP vocabulary);
+    the held-out trigger words split into pieces, like any new word a user brings."""
+    from difftune.families import tiny_parts
+
+    tokenizer = tiny_parts.clip_tokenizer(models.vocabulary_text())
+    for word in (*scenes.COLOURS, *scenes.SHAPES, *scenes.HELD_IN_STYLES, "background", "style"):
+        assert len(tokenizer(word).input_ids) == 3, word  # bos, the word, eos
+    for trigger in (*scenes.HELD_OUT_STYLES.values(), *scenes.PLACES.values()):
+        assert len(tokenizer(trigger).input_ids) > 3, trigger
+
+
 @pytest.mark.parametrize("family", ["sd", "flux"])
 def test_shipped_world_models_are_small_safetensors_with_a_card(family):
     folder = models.shipped(family)
@@ -165,32 +177,18 @@ def test_pretrain_runs_both_stages_writes_a_pipeline_and_resumes(tmp_path):
 
 def test_shipped_world_sd_draws_the_ground_and_colour_asked_for_in_plain_diffusers():
     """The shipped world-sd, loaded by plain diffusers with its own scheduler and default guidance, draws
-    prompts it never saw in pretraining: the oracle finds the asked background and object colour."""
+    16 prompts it never saw in pretraining with the asked background and object colour (BENCHMARKS.md
+    section 5: 98% and 97% on the 64-prompt, 2-seed benchmark)."""
     import torch
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(models.shipped("sd"))
     pipe.set_progress_bar_config(disable=True)
-    prompts = [f"a {c} {s} on a {b} background" for c, s, b in scenes.unseen_triples()[:8]]
+    prompts = [f"a {c} {s} on a {b} background" for c, s, b in scenes.unseen_triples()[:16]]
     images = pipe(prompts, height=64, width=64, num_inference_steps=30,
                   generator=torch.Generator().manual_seed(0)).images
     summary = oracle.summarise([oracle.score(im, p) for im, p in zip(images, prompts)])
-    assert summary["background"] >= 0.75 and summary["colour"] >= 0.5, summary
-
-
-def test_shipped_world_sd_at_guidance_3_draws_the_colours_asked_for():
-    """At guidance 3 (BENCHMARKS.md section 5: background 100%, colour 87% on the 64-prompt benchmark),
-    the same unseen prompts get their background and object colour nearly always."""
-    import torch
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(models.shipped("sd"))
-    pipe.set_progress_bar_config(disable=True)
-    prompts = [f"a {c} {s} on a {b} background" for c, s, b in scenes.unseen_triples()[8:16]]
-    images = pipe(prompts, height=64, width=64, num_inference_steps=30, guidance_scale=3.0,
-                  generator=torch.Generator().manual_seed(0)).images
-    summary = oracle.summarise([oracle.score(im, p) for im, p in zip(images, prompts)])
-    assert summary["background"] >= 0.875 and summary["colour"] >= 0.75, summary
+    assert summary["background"] >= 0.875 and summary["colour"] >= 0.875, summary
 
 
 def test_world_bench_command_writes_figures_at_a_chosen_guidance(tmp_path):

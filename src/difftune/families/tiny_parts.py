@@ -70,9 +70,10 @@ Places: a kitchen, a garden, a desert, a jungle, a river, a bridge, a temple, a 
 # ---------------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=1)
-def _clip_bpe() -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
-    """Train the tiny CLIP BPE on `_CORPUS`; returns ``(tokens, merges)`` with ``tokens[i]`` the token of id ``i``.
+@functools.lru_cache(maxsize=4)
+def _clip_bpe(extra: str = "") -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """Train the tiny CLIP BPE on `_CORPUS` plus `extra`; returns ``(tokens, merges)`` with ``tokens[i]`` the
+    token of id ``i``. Words that `extra` repeats often become whole tokens (the world models' vocabulary).
 
     The vocabulary is laid out like OpenAI CLIP's: the 256 byte-level symbols, the same 256 symbols with the
     ``</w>`` end-of-word suffix, one token per merge in merge order, then ``<|startoftext|>`` and
@@ -105,7 +106,7 @@ def _clip_bpe() -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
     )
     word_counts = Counter(
         piece
-        for line in _CORPUS.splitlines()
+        for line in (_CORPUS + extra).splitlines()
         for piece, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(line))
     )
     # Each word is a tuple of symbols whose last symbol carries the end-of-word suffix.
@@ -145,17 +146,18 @@ def _merge_pair(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, .
     return tuple(merged)
 
 
-def write_clip_vocab_files(directory: Path) -> None:
-    """Write ``vocab.json`` and ``merges.txt`` (OpenAI CLIP's own file format) into `directory`."""
-    tokens, merges = _clip_bpe()
+def write_clip_vocab_files(directory: Path, extra: str = "") -> None:
+    """Write ``vocab.json`` and ``merges.txt`` (OpenAI CLIP's own file format) into `directory`
+    (`extra`: more corpus text, see `_clip_bpe`)."""
+    tokens, merges = _clip_bpe(extra)
     vocab = {token: index for index, token in enumerate(tokens)}
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     lines = ["#version: 0.2"] + [f"{left} {right}" for left, right in merges]
     (directory / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def clip_tokenizer():
-    """The tiny offline CLIP tokenizer (a ``transformers.CLIPTokenizer``).
+def clip_tokenizer(extra: str = ""):
+    """The tiny offline CLIP tokenizer (a ``transformers.CLIPTokenizer``); `extra`: more corpus text.
 
     1000 tokens; ``<|startoftext|>`` (bos, id 998) and ``<|endoftext|>`` (eos, pad and unk, id 999, as in
     ``openai/clip-vit-large-patch14``) are the two highest ids; ``model_max_length`` is 77. Words are
@@ -167,15 +169,15 @@ def clip_tokenizer():
 
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
-        write_clip_vocab_files(directory)
+        write_clip_vocab_files(directory, extra)
         config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": CLIP_MAX_LENGTH}
         (directory / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
         return CLIPTokenizer.from_pretrained(directory)
 
 
-@functools.lru_cache(maxsize=1)
-def _t5_sentencepiece_model() -> bytes:
-    """Train the tiny T5 SentencePiece unigram model on `_CORPUS`; returns the serialized ``spiece.model``.
+@functools.lru_cache(maxsize=4)
+def _t5_sentencepiece_model(extra: str = "") -> bytes:
+    """Train the tiny T5 SentencePiece unigram model on `_CORPUS` plus `extra`; returns the serialized ``spiece.model``.
 
     Ids follow T5: ``<pad>``=0, ``</s>``=1, ``<unk>``=2, no bos. All printable ASCII characters are kept as
     pieces, so only non-ASCII characters map to ``<unk>``. No text normalisation (identity rule), which
@@ -185,7 +187,7 @@ def _t5_sentencepiece_model() -> bytes:
 
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(_CORPUS.splitlines()),
+        sentence_iterator=iter((_CORPUS + extra).splitlines()),
         model_writer=model,
         model_type="unigram",
         vocab_size=_T5_TARGET_VOCAB,
@@ -202,12 +204,12 @@ def _t5_sentencepiece_model() -> bytes:
     return model.getvalue()
 
 
-def write_spiece_model(directory: Path) -> None:
+def write_spiece_model(directory: Path, extra: str = "") -> None:
     """Write the SentencePiece model as ``spiece.model`` (T5's own file format) into `directory`."""
-    (directory / "spiece.model").write_bytes(_t5_sentencepiece_model())
+    (directory / "spiece.model").write_bytes(_t5_sentencepiece_model(extra))
 
 
-def t5_tokenizer():
+def t5_tokenizer(extra: str = ""):
     """The tiny offline T5 tokenizer (a ``transformers.T5TokenizerFast``), as FLUX's ``tokenizer_2``.
 
     A SentencePiece unigram vocabulary of a few hundred pieces: ``<pad>``=0, ``</s>``=1 (appended to every
@@ -218,7 +220,7 @@ def t5_tokenizer():
 
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
-        write_spiece_model(directory)
+        write_spiece_model(directory, extra)
         config = {"tokenizer_class": "T5Tokenizer", "model_max_length": T5_MAX_LENGTH, "extra_ids": 0}
         (directory / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
         return T5TokenizerFast.from_pretrained(directory)

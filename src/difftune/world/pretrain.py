@@ -36,7 +36,7 @@ from . import models, scenes
 
 #: reference step counts per family for `DEFAULT_MINUTES` on 2 CPU cores; --minutes scales them
 PLANS = {
-    "sd": {"vae_steps": 800, "vae_batch": 16, "denoiser_steps": 3000, "batch": 16, "lr": 1e-3, "images": 4000},
+    "sd": {"vae_steps": 2000, "vae_batch": 16, "denoiser_steps": 3000, "batch": 16, "lr": 1e-3, "images": 4000},
     "flux": {"vae_steps": 1500, "vae_batch": 16, "denoiser_steps": 2000, "batch": 16, "lr": 1e-3, "images": 4000},
 }
 #: the VAE (convolutional) learns on random crops of this side: 4x cheaper than whole images
