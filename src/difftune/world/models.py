@@ -208,7 +208,7 @@ Made by `difftune world pretrain {family} OUT --vae-steps {meta['vae_steps']} --
 2 CPU cores: a VAE stage ({meta['vae_steps']} steps of {meta['vae_batch']} images: world scenes and
 random textures), then an ordinary difftune full fine-tune of the random-initialised denoiser
 ({meta['denoiser_steps']} steps of {meta['batch']} images, {meta['images']} rendered scenes, 10% caption
-dropout, lr {meta['lr']}, cosine). {CARD_NOTES[family]} Fine-tunes freeze the text encoders; tokenizers: byte-level, with the world's own words (colours, shapes, background, style) as whole tokens and any new trigger word split into pieces.
+dropout, lr {meta['lr']}, cosine). {CARD_NOTES[family]} Fine-tunes freeze the text encoders; tokenizers: byte-level; CLIP's holds the world's own words (colours, shapes, background, style) as whole tokens, and any new trigger word splits into pieces.
 Wall time in minutes: {json.dumps(minutes)}. Weights stored in float16.
 {note}
 
