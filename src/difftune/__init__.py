@@ -9,3 +9,12 @@ __version__ = "0.1.0"
 
 class DifftuneError(Exception):
     """An error caused by the user's input (config, data, paths). The CLI prints it as one line."""
+
+
+def _light_imports() -> None:
+    from .util.imports import defer_deepspeed
+
+    defer_deepspeed()
+
+
+_light_imports()

@@ -73,7 +73,7 @@ STRATEGIES: dict[str, Strategy] = {
                                                  "data.cache_dir": str(j.out / "cache"),
                                                  "validation.steps": j.eval_steps})),
     "output": Strategy("sequential + output preservation on trigger-free prompts",
-                       _continuing(lambda j: {"preserve.output_weight": 1.0, "preserve.prompts": j.neutral_train})),
+                       _continuing(lambda j: {"preserve.output_weight": 1.0, "preserve.prompts": ["", *j.neutral_train]})),
     "c-lora": Strategy("sequential + rehearsal-free continual penalty",
                        _continuing(lambda j: {"preserve.clora_weight": 1.0})),
     "separate": Strategy("style LoRA + place-only LoRA combined at generation",

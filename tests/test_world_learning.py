@@ -1,0 +1,84 @@
+"""Learning you can see: the shipped world-sd base model, fine-tuned on 12 images of a style it never
+saw (``dotted``, trigger ``zdots``), draws that style on held-out prompts by the oracle, and still draws
+the colours that prompts without the trigger ask for. LoRA (the shipped recipe) and full fine-tune.
+
+Shortened runs (60-80 steps instead of the recipe's 300) drawn with the plain diffusers pipeline at
+its default guidance: the figures of the full recipe are in BENCHMARKS.md section 5. world-flux has
+no such test: its base draws noise that the oracle already reads as dots (BENCHMARKS.md section 5)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from difftune import demo
+from difftune.config import config_from_dict
+from difftune.train import train
+from difftune.world import models, oracle, scenes
+from difftune.world.bench import draw, load_pipeline
+
+DRAW_STEPS = 12
+SEEDS = (0, 1)
+
+
+def figures(pipe, prompts):
+    images = [im for seed in SEEDS for im in draw(pipe, prompts, seed, DRAW_STEPS)]
+    return oracle.summarise([oracle.score(im, p) for im, p in zip(images, prompts * len(SEEDS))])
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The shipped world-sd as a folder, 12 dotted training images, the held-out prompts with and
+    without the trigger, and what the base draws for them."""
+    root = tmp_path_factory.mktemp("learn")
+    model = models.write_shipped("sd", root / "world-sd")
+    train_scenes = scenes.style_set("dotted", 12, seed=0)
+    scenes.write_dataset(root / "data", train_scenes)
+    styled = demo.eval_prompts(train_scenes)
+    plain = [f"a {c} {s} on a {b} background" for c, s, b in scenes.unseen_triples()[:12]]
+    base = load_pipeline(str(model))
+    return {"root": root, "model": model, "styled": styled, "plain": plain,
+            "before": figures(base, styled), "plain_before": figures(base, plain)}
+
+
+def fine_tune(world, name: str, **overrides) -> dict:
+    config = yaml.safe_load(demo.recipe_text("world-sd-style-lora.yaml"))
+    config.update(model={"path": str(world["model"])}, output_dir=str(world["root"] / name),
+                  checkpoint={"every": 0})
+    config["data"]["concepts"][0]["dir"] = str(world["root"] / "data")
+    for key, value in overrides.items():
+        section, _, leaf = key.partition(".")
+        config.setdefault(section, {})[leaf] = value
+    if overrides.get("method.kind") == "full":
+        config["method"] = {"kind": "full"}
+    out = train(config_from_dict(config), log=lambda *a: None)
+    pipe = load_pipeline(str(world["model"]))
+    if overrides.get("method.kind") == "full":
+        pipe = load_pipeline(str(out))
+    else:
+        pipe.load_lora_weights(str(out))
+    return {"after": figures(pipe, world["styled"]), "plain_after": figures(pipe, world["plain"])}
+
+
+def check_learned_and_kept(world, result):
+    before, after = world["before"], result["after"]
+    summary = f"before {before}, after {after}, plain before {world['plain_before']}, plain after {result['plain_after']}"
+    # the style: drawn on most held-out prompts, and on at least 3 of 12 images more than the base drew it
+    print(summary)
+    assert after["style"] >= 0.5 and after["style"] - before["style"] >= 3 / 12 - 1e-9, summary
+    # the colours: prompts without the trigger (12 the base never saw, 24 images) lose at most 3 images'
+    # object colour ...
+    assert result["plain_after"]["colour"] >= world["plain_before"]["colour"] - 3 / 24 - 1e-9, summary
+    # ... and the styled prompts' objects keep the asked colour at least half the time
+    assert after["colour"] >= 0.5 and after["background"] >= 0.9, summary
+
+
+def test_lora_recipe_learns_a_style_it_never_saw_and_keeps_colours(world):
+    result = fine_tune(world, "lora", **{"train.steps": 100, "train.batch_size": 4, "train.lr": 5e-3})
+    check_learned_and_kept(world, result)
+
+
+def test_full_fine_tune_learns_a_style_it_never_saw_and_keeps_colours(world):
+    result = fine_tune(world, "full", **{"method.kind": "full", "train.steps": 80, "train.lr": 5e-4,
+                                         "preserve.output_weight": 0.0})
+    check_learned_and_kept(world, result)
