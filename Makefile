@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/difftune demo --out demo-out
 
+# Two workers: tiny-model tests are bound by single-threaded Python, so two share two cores well
+# (tests/conftest.py keeps torch at one thread per test process).
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal
 
 # Refresh constraints.txt from the current environment (torch is pinned by TORCH, not here).
 lock:

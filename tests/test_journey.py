@@ -11,7 +11,7 @@ from difftune.world.journey import STRATEGIES, run_journey
 
 def test_journey_trains_and_scores_every_strategy(tmp_path, tiny_sd):
     result = run_journey("sd", tmp_path / "j", model=str(tiny_sd), steps=2, eval_steps=2, num=1, per_concept=2,
-                         log=lambda *_: None)
+                         settings=["method.rank=4"], log=lambda *_: None)
     assert list(result["results"]) == ["base", *STRATEGIES]
     for name, m in result["results"].items():
         assert {"style.score", "place.score", "drift", "neutral.correct", "style_kept", "place_learned"} <= set(m), name
@@ -24,6 +24,8 @@ def test_journey_trains_and_scores_every_strategy(tmp_path, tiny_sd):
     assert str(runs / "style-only") in cfg and "replay_ratio: 0.5" in cfg
     assert "init_lora: " + str(runs / "style-only") in (runs / "sequential" / "config.yaml").read_text()
     assert (runs / "joint" / "config.yaml").read_text().count("- dir:") == 2
+    assert all("rank: 4" in (runs / n / "config.yaml").read_text() for n in trained)  # the user's setting, every stage
+    assert result["overrides"] == ["method.rank=4"]
     assert len(list((tmp_path / "j" / "cache" / "class_images").rglob("*.png"))) == 12
     table = (tmp_path / "j" / "journey.md").read_text()
     assert table.count("\n") == len(STRATEGIES) + 3 and "| separate |" in table
@@ -38,4 +40,8 @@ def test_journey_bad_input_one_line(tmp_path, tiny_sd, tiny_flux, capsys):
     assert main(["world", "journey", "--family", "sd", "--model", str(tiny_flux), "--out", str(tmp_path / "j")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is a flux model, not sd" in err
+    assert main(["world", "journey", "--family", "sd", "--model", str(tiny_sd), "--out", str(tmp_path / "j"),
+                 "train.lrr=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train.lrr" in err
     assert not (tmp_path / "j").exists()

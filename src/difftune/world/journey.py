@@ -35,6 +35,7 @@ EXAMPLES = """examples:
   difftune world journey --family sd --out runs/journey-sd
   difftune world journey --family flux --steps 300 --strategies sequential,replay,separate
   difftune world journey --family sd --model runs/my-world-sd --config configs/world-sd-style-lora.yaml
+  difftune world journey --family sd --config configs/world-sd-style-lora.yaml --steps 300 train.lr=2e-3
 
 Trains a style LoRA, then adds a place by each strategy, and prints a table: style score, place score
 (each also as a share of its single-concept reference) and drift, measured by the world oracle.
@@ -99,6 +100,7 @@ class Journey:
     per_concept: int = 8
     log: Callable = print
     neutral_train: list[str] = field(default_factory=list)
+    settings: list[str] = field(default_factory=list)  # the user's key=value overrides of every stage
 
     def run(self, name: str) -> Path:
         return self.out / "runs" / name.replace(" ", "-")
@@ -127,16 +129,23 @@ class Journey:
     def place_data(self) -> dict:
         return {"data.concepts": [{"dir": self._folder("place", self.place_scenes())}]}
 
-    def train(self, name: str, overrides: dict) -> Path:
+    def config_for(self, name: str, overrides: dict):
+        """The resolved config of one stage: the recipe, then the user's settings, then the strategy's."""
         import yaml
 
         from ..config import load_config
+
+        def pairs(items: dict) -> list[str]:
+            return [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+                    for k, v in items.items()]
+
+        return load_config(self.config, pairs({} if self.config else DEFAULT_STAGE) + self.settings + pairs(
+            {"model.path": self.model, "output_dir": str(self.run(name)), "train.steps": self.steps, **overrides}))
+
+    def train(self, name: str, overrides: dict) -> Path:
         from ..train import train
 
-        items = {**({} if self.config else DEFAULT_STAGE), "model.path": self.model, "output_dir": str(self.run(name)),
-                 "train.steps": self.steps, **overrides}
-        cfg = load_config(self.config, [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-                                         for k, v in items.items()])
+        cfg = self.config_for(name, overrides)
         self.log(f"--- {name}: training {cfg.train.steps} steps")
         return train(cfg, log=lambda *_: None)
 
@@ -166,7 +175,7 @@ def _images_for(family_cls, model: str, loras: list[str], steps: int, guidance: 
 
 def run_journey(family: str, out: str | Path, *, model: str | None = None, steps: int = 200,
                 strategies: list[str] | None = None, config: str | None = None, eval_steps: int = 30, num: int = 2,
-                per_concept: int = 8, log=print) -> dict:
+                per_concept: int = 8, settings: list[str] | None = None, log=print) -> dict:
     """Train and score every strategy; returns (and writes) the results."""
     from ..evaluate.core import score_model, write_json
     from ..evaluate.prompts import EvalPrompts, default_prompts, world_neutral
@@ -188,8 +197,9 @@ def run_journey(family: str, out: str | Path, *, model: str | None = None, steps
     if family_cls.name != family:
         raise DifftuneError(f"--model {model} is a {family_cls.name} model, not {family}")
     out = Path(out)
-    j = Journey(family, model, out, steps, config, eval_steps, num, per_concept, log)
+    j = Journey(family, model, out, steps, config, eval_steps, num, per_concept, log, settings=list(settings or []))
     j.neutral_train = world_neutral(8, seed=99)
+    j.config_for("check", {})  # a bad recipe or setting fails here, before anything is written
     needed = dict.fromkeys(["style-only", "place-only", *names])  # the references are always measured
 
     timings = {}
@@ -219,7 +229,8 @@ def run_journey(family: str, out: str | Path, *, model: str | None = None, steps
         m["style_kept"] = m["style.score"] / ref_style if ref_style else 0.0
         m["place_learned"] = m["place.score"] / ref_place if ref_place else 0.0
     result = {
-        "format": 1, "family": family, "model": model, "steps_per_stage": steps,
+        "format": 1, "family": family, "model": model, "steps_per_stage": steps, "config": config,
+        "overrides": j.settings,
         "settings": {"eval_steps": eval_steps, "images_per_prompt": num, "prompts_per_concept": per_concept,
                      "guidance": guidance},
         "prompts": {"concepts": prompts.concepts, "neutral": prompts.neutral},
@@ -252,6 +263,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-steps", type=int, default=30, help="inference steps when scoring (default 30)")
     parser.add_argument("--num", type=int, default=2, help="images per prompt (default 2)")
     parser.add_argument("--per-concept", type=int, default=8, help="prompts per concept and neutral (default 8)")
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value",
+                        help="settings for every stage, over the recipe (e.g. train.lr=2e-3 train.batch_size=8)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -263,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.time()
     result = run_journey(args.family, args.out or f"runs/journey-{args.family}", model=args.model, steps=args.steps,
                          strategies=strategies, config=args.config, eval_steps=args.eval_steps, num=args.num,
-                         per_concept=args.per_concept)
+                         per_concept=args.per_concept, settings=args.overrides)
     print(journey_table(result))
     print(f"journey of {args.family} in {time.time() - t0:.0f}s; table in {args.out or f'runs/journey-{args.family}'}/journey.md")
     return 0
