@@ -2,8 +2,9 @@
 saw (``dotted``, trigger ``zdots``), draws that style on held-out prompts by the oracle, and still draws
 the colours that prompts without the trigger ask for. LoRA (the shipped recipe) and full fine-tune.
 
-Shortened runs (60-80 steps instead of the recipe's 300) drawn with the plain diffusers pipeline at
-its default guidance: the figures of the full recipe are in BENCHMARKS.md section 5. world-flux has
+The LoRA is the shipped recipe as it is (100 steps); the full fine-tune runs 80 steps. Both are drawn
+with the plain diffusers pipeline at its default guidance, 12 steps (the demo's figures, at 20 steps,
+are in BENCHMARKS.md section 5). world-flux has
 no such test: its base draws noise that the oracle already reads as dots (BENCHMARKS.md section 5)."""
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def check_learned_and_kept(world, result):
 
 
 def test_lora_recipe_learns_a_style_it_never_saw_and_keeps_colours(world):
-    result = fine_tune(world, "lora", **{"train.steps": 100, "train.batch_size": 4, "train.lr": 5e-3})
+    result = fine_tune(world, "lora")  # configs/world-sd-style-lora.yaml as shipped
     check_learned_and_kept(world, result)
 
 
