@@ -1,11 +1,12 @@
 """Learning you can see: the shipped world-sd base model, fine-tuned on 12 images of a style it never
 saw (``dotted``, trigger ``zdots``), draws that style on held-out prompts by the oracle, and still draws
-the colours that prompts without the trigger ask for. LoRA (the shipped recipe) and full fine-tune.
+the colours that prompts without the trigger ask for, with the shipped LoRA recipe as it is (100 steps),
+drawn by the plain diffusers pipeline at its default guidance, 12 steps (the demo's figures, at 20
+steps, are in BENCHMARKS.md section 5).
 
-The LoRA is the shipped recipe as it is (100 steps); the full fine-tune runs 80 steps. Both are drawn
-with the plain diffusers pipeline at its default guidance, 12 steps (the demo's figures, at 20 steps,
-are in BENCHMARKS.md section 5). world-flux has
-no such test: its base draws noise that the oracle already reads as dots (BENCHMARKS.md section 5)."""
+No full fine-tune test: at 80-200 steps a full fine-tune's style score moved between 4 and 10 of 12
+images from run to run, too close to the base's 5 to test honestly. world-flux has no such test
+either: its base draws noise that the oracle already reads as dots (BENCHMARKS.md section 5)."""
 
 from __future__ import annotations
 
@@ -50,14 +51,9 @@ def fine_tune(world, name: str, **overrides) -> dict:
     for key, value in overrides.items():
         section, _, leaf = key.partition(".")
         config.setdefault(section, {})[leaf] = value
-    if overrides.get("method.kind") == "full":
-        config["method"] = {"kind": "full"}
     out = train(config_from_dict(config), log=lambda *a: None)
     pipe = load_pipeline(str(world["model"]))
-    if overrides.get("method.kind") == "full":
-        pipe = load_pipeline(str(out))
-    else:
-        pipe.load_lora_weights(str(out))
+    pipe.load_lora_weights(str(out))
     return {"after": figures(pipe, world["styled"]), "plain_after": figures(pipe, world["plain"])}
 
 
@@ -76,10 +72,4 @@ def check_learned_and_kept(world, result):
 
 def test_lora_recipe_learns_a_style_it_never_saw_and_keeps_colours(world):
     result = fine_tune(world, "lora")  # configs/world-sd-style-lora.yaml as shipped
-    check_learned_and_kept(world, result)
-
-
-def test_full_fine_tune_learns_a_style_it_never_saw_and_keeps_colours(world):
-    result = fine_tune(world, "full", **{"method.kind": "full", "train.steps": 80, "train.lr": 5e-4,
-                                         "preserve.output_weight": 0.0})
     check_learned_and_kept(world, result)
