@@ -43,14 +43,11 @@ def world(tmp_path_factory):
             "before": figures(base, styled), "plain_before": figures(base, plain)}
 
 
-def fine_tune(world, name: str, **overrides) -> dict:
+def fine_tune(world, name: str) -> dict:
     config = yaml.safe_load(demo.recipe_text("world-sd-style-lora.yaml"))
     config.update(model={"path": str(world["model"])}, output_dir=str(world["root"] / name),
                   checkpoint={"every": 0})
     config["data"]["concepts"][0]["dir"] = str(world["root"] / "data")
-    for key, value in overrides.items():
-        section, _, leaf = key.partition(".")
-        config.setdefault(section, {})[leaf] = value
     out = train(config_from_dict(config), log=lambda *a: None)
     pipe = load_pipeline(str(world["model"]))
     pipe.load_lora_weights(str(out))
@@ -61,7 +58,6 @@ def check_learned_and_kept(world, result):
     before, after = world["before"], result["after"]
     summary = f"before {before}, after {after}, plain before {world['plain_before']}, plain after {result['plain_after']}"
     # the style: drawn on most held-out prompts, and on at least 3 of 12 images more than the base drew it
-    print(summary)
     assert after["style"] >= 0.5 and after["style"] - before["style"] >= 3 / 12 - 1e-9, summary
     # the colours: prompts without the trigger (12 the base never saw, 24 images) lose at most 3 images'
     # object colour ...
