@@ -73,6 +73,9 @@ def test_default_world_prompts_keep_the_trigger_on_unseen_scenes():
     assert len(prompts.concepts["dots"]) == 3 and all(p.endswith("in zdots style") and p not in trained
                                                           for p in prompts.concepts["dots"])
     assert all(scenes.parse_caption(p)["place"] == "kremlin" for p in prompts.concepts["krem"])
+    # distinct prompts, unseen grounds first; the kremlin allows 5 grounds, so 16 asked give 5
+    krem = default_prompts({"krem": ["a zkrem on a blue background"]}, n=16).concepts["krem"]
+    assert len(krem) == len(set(krem)) == 5 and krem[-1] == "a zkrem on a blue background"
     assert all(scenes.parse_caption(p)["style"] is None for p in prompts.neutral)
 
 

@@ -7,6 +7,7 @@ import json
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,6 +87,58 @@ def test_oracle_tells_wrong_images_apart():
     assert not any(wrong[k] for k in ("background", "colour", "shape", "style"))
     noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3)).astype(np.uint8)
     assert oracle.summarise([oracle.score(noise, s.caption)])["shape"] in (0.0, 1.0)  # runs on anything
+
+
+def test_oracle_calls_dots_only_for_isolated_holes():
+    """Dotted means many small separate holes: noise on real dots keeps the call; the broken hatching
+    and stripes world-sd draws for the unknown trigger (once read as dots), stripes broken into
+    segments, or an object with one window are not dots."""
+    folder = Path(__file__).parent / "data" / "world-base-zdots"
+    for line in (folder / "prompts.tsv").read_text().splitlines():
+        name, prompt = line.split("\t")
+        assert not oracle.score(folder / name, prompt)["style"], name
+    rng = np.random.default_rng(0)
+    dotted = scenes.Scene("red", "square", "blue", 38, 12, 12, "dotted")
+    noisy = np.clip(scenes.render(dotted) + rng.normal(0, 12, (64, 64, 3)), 0, 255).astype(np.uint8)
+    assert oracle.analyse(noisy)["style"] == "dotted"
+
+    striped = scenes.Scene("red", "square", "blue", 38, 12, 12, "striped")
+    broken = scenes.render(striped)
+    broken[:, 12::12][scenes.shape_mask("square", 12, 12, 38)[:, 12::12]] = scenes.COLOURS["red"]
+    assert oracle.analyse(broken)["style"] != "dotted"
+
+    window = scenes.render(scenes.Scene("red", "square", "blue", 38, 12, 12))
+    window[28:34, 28:34] = scenes.COLOURS["blue"]
+    assert oracle.analyse(window)["style"] not in scenes.HELD_OUT_STYLES
+
+
+def test_oracle_places_tolerate_a_models_drawing_but_no_object_passes():
+    """A place stretched to other proportions, with a shaded side, is still recognised; no rendered
+    object of any colour, shape or style is taken for a place; a stray speck does not stretch the box."""
+    scene = scenes.Scene("", "", "blue", 0, 0, 0, None, "kremlin")
+    image = scenes.render(scene)
+    ys, xs = np.nonzero((image != scenes.COLOURS["blue"]).any(-1))
+    x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+    crop = image[y0:y1, x0:x1]
+    narrow = crop[:, np.arange(0, crop.shape[1], 1.3).astype(int)]  # 30% narrower
+    shaded = narrow.copy()
+    body = (shaded == scenes.COLOURS["red"]).all(-1)
+    body[:, : 2 * shaded.shape[1] // 3] = False
+    shaded[body] = scenes.COLOURS["black"]  # the right third of the red body in shadow
+    drawn = np.empty_like(image)
+    drawn[:] = scenes.COLOURS["blue"]
+    drawn[y0:y1, 20:20 + shaded.shape[1]] = shaded
+    assert oracle.score(drawn, "a zkrem on a blue background")["place"]
+
+    rng = random.Random(7)
+    for style in (None, *scenes.STYLES):
+        for _ in range(30):
+            assert oracle.analyse(scenes.render(scenes.random_scene(rng, style=style)))["place"] is None
+
+    speck = scenes.render(scenes.Scene("green", "circle", "white", 30, 30, 30))
+    speck[1:3, 1:3] = scenes.COLOURS["green"]
+    assert oracle.analyse(speck)["shape"] == "circle"
+    assert oracle.score(speck, "a green circle on a white background")["style"]
 
 
 def test_tokenizers_are_byte_level_any_trigger_word_encodes():

@@ -57,8 +57,9 @@ def fine_tune(world, name: str) -> dict:
 def check_learned_and_kept(world, result):
     before, after = world["before"], result["after"]
     summary = f"before {before}, after {after}, plain before {world['plain_before']}, plain after {result['plain_after']}"
-    # the style: drawn on most held-out prompts, and on at least 3 of 12 images more than the base drew it
-    assert after["style"] >= 0.5 and after["style"] - before["style"] >= 3 / 12 - 1e-9, summary
+    # the style: drawn on at least 5 of 12 images, 4 more than the base drew it (measured: 1 -> 6; the
+    # oracle calls dots only for separate small holes, so the base's hatching scores near 0)
+    assert after["style"] >= 5 / 12 - 1e-9 and after["style"] - before["style"] >= 4 / 12 - 1e-9, summary
     # the colours: prompts without the trigger (12 the base never saw, 24 images) lose at most 3 images'
     # object colour ...
     assert result["plain_after"]["colour"] >= world["plain_before"]["colour"] - 3 / 24 - 1e-9, summary

@@ -81,8 +81,10 @@ def _world_variants(trained: list[str], n: int, seed: int) -> list[str] | None:
         place = places.pop()
         seen = {w["background"] for w in wants}
         grounds = [c for c in scenes.COLOURS if c not in scenes.PLACE_COLOURS[place]]
-        grounds = [c for c in grounds if c not in seen] or grounds
-        return [f"a {scenes.PLACES[place]} on a {grounds[i % len(grounds)]} background" for i in range(n)]
+        # unseen grounds first, then the trained ones: distinct prompts (a repeated prompt would only
+        # draw the same images again), so a place may get fewer than `n`
+        grounds = [c for c in grounds if c not in seen] + [c for c in grounds if c in seen]
+        return [f"a {scenes.PLACES[place]} on a {g} background" for g in grounds[:n]]
     if styles and len(styles) == 1 and not places:
         style = styles.pop()
         seen = {(w["colour"], w["shape"], w["background"]) for w in wants}

@@ -202,13 +202,15 @@ def run_journey(family: str, out: str | Path, *, model: str | None = None, steps
     j.config_for("check", {})  # a bad recipe or setting fails here, before anything is written
     needed = dict.fromkeys(["style-only", "place-only", *names])  # the references are always measured
 
+    from ..reports.logs import sessions
+
     timings = {}
     for name in needed:
         strategy = STRATEGIES[name]
         if strategy.overrides is not None:
-            t0 = time.time()
             j.train(name, strategy.overrides(j))
-            timings[name] = time.time() - t0
+            # from the run's own session log: a resumed journey still reports the whole training time
+            timings[name] = round(sum(s.seconds for s in sessions(j.run(name))), 1)
 
     style_prompts = [s.caption for s in scenes.style_set(STYLE, n=12, seed=0)]
     prompts = default_prompts({"style": style_prompts, "place": [s.caption for s in j.place_scenes()]}, per_concept)

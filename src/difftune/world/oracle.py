@@ -6,12 +6,22 @@ and the place it shows (or None). `score(image, prompt)` compares that with what
 How: every pixel is given the nearest palette colour; the background is the commonest colour of
 the image border; the object is every pixel of another colour. Its silhouette is the object closed
 by 3 px and with holes filled (so dotted, striped, checkered and outlined objects become solid), and
-the shape is the template (circle, square, up-pointing triangle fitted to the silhouette's box) with
-the highest overlap. The style is the nearest style prototype in a small texture-feature space (how
-much of the silhouette shows the background, inside and near the rim, and how often the object
-changes along rows, columns and both diagonals); the prototypes are measured once on rendered
-scenes. A place is recognised when the image agrees with the place's own drawing, aligned on the
-object's box, on >= 70% of their pixels.
+only its largest connected part counts (stray specks elsewhere do not stretch it). The shape is the
+template (circle, square, up-pointing triangle fitted to the silhouette's box) with the highest
+overlap. The style is the nearest style prototype in a small texture-feature space (how much of the
+silhouette shows the background, inside and near the rim, how often the object changes along rows,
+columns and both diagonals, and how much of the background showing through lies in small isolated
+holes); the prototypes are measured once on rendered scenes. A style made of isolated holes (dotted,
+checkered) is only called when the object really has them: at least 4 holes no wider than 7 px,
+holding at least 70% of what shows through. Broken stripes otherwise read as dots.
+
+A place is recognised from the parts of its own drawing (`scenes.place_layers`), stretched onto the
+silhouette's box: the outlines must overlap (intersection over union >= 0.6), at least two of the
+place's colours must each cover at least half the share of the object that they cover in the
+drawing, the place's colours must cover at least half the object, and the background must not be
+one of the place's colours (no world scene puts a place on them). This tolerates what a model's
+drawing of a place gets roughly right (proportions, shading, a roof of the wrong shade) while no
+single flat object, plain or styled, can pass.
 """
 
 from __future__ import annotations
@@ -28,7 +38,9 @@ from .scenes import COLOURS, SHAPES, SIZE
 
 _NAMES = list(COLOURS)
 _PALETTE = np.array([COLOURS[n] for n in _NAMES], dtype=np.float32)
-PLACE_THRESHOLD = 0.7
+PLACE_OUTLINE_IOU = 0.6
+PLACE_MIN_COLOURS = 2
+HOLE_STYLES = ("dotted", "checkered")  # styles of isolated holes: see _style
 
 
 def load(image: Any) -> np.ndarray:
@@ -68,6 +80,44 @@ def _largest_blob(mask: np.ndarray) -> np.ndarray:
     return mask & (view >= 4)
 
 
+def _components(mask: np.ndarray) -> np.ndarray:
+    """4-connected parts of `mask`: each pixel's part id (the smallest pixel index in it; -1 outside)."""
+    big = mask.size
+    lab = np.where(mask, np.arange(mask.size).reshape(mask.shape), big)
+    while True:  # spread the smallest index through each part
+        padded = np.pad(lab, 1, constant_values=big)
+        low = np.minimum.reduce([lab, padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]])
+        low = np.where(mask, low, big)
+        if (low == lab).all():
+            return np.where(mask, lab, -1)
+        lab = low
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    if not mask.any():
+        return mask
+    parts = _components(mask)
+    ids, counts = np.unique(parts[mask], return_counts=True)
+    return parts == ids[counts.argmax()]
+
+
+def _isolated_holes(obj: np.ndarray, silhouette: np.ndarray) -> tuple[float, int]:
+    """(share of the background showing through the object that lies in holes at most 7 px across,
+    how many such holes)."""
+    holes = silhouette & ~obj
+    if not holes.any():
+        return 0.0, 0
+    parts = _components(holes)
+    rows, cols = np.nonzero(holes)
+    ids = parts[rows, cols]
+    small, count = 0, 0
+    for i in np.unique(ids):
+        r, c = rows[ids == i], cols[ids == i]
+        if np.ptp(r) <= 6 and np.ptp(c) <= 6:
+            small, count = small + len(r), count + 1
+    return small / len(rows), count
+
+
 def _box(mask: np.ndarray) -> Optional[tuple[int, int, int, int]]:
     rows, cols = np.where(mask.any(1))[0], np.where(mask.any(0))[0]
     if len(rows) == 0:
@@ -92,7 +142,8 @@ def _shape(silhouette: np.ndarray) -> Optional[str]:
     return best
 
 
-def _texture_features(obj: np.ndarray, silhouette: np.ndarray) -> np.ndarray:
+def _texture_features(obj: np.ndarray, silhouette: np.ndarray) -> tuple[np.ndarray, int]:
+    """The style features, and how many isolated holes the object has."""
     n = max(1, silhouette.sum())
     hole = 1 - (obj & silhouette).sum() / n
     inner = scenes.erode(silhouette, 4)
@@ -108,7 +159,8 @@ def _texture_features(obj: np.ndarray, silhouette: np.ndarray) -> np.ndarray:
     v = changes(o[1:, :], o[:-1, :], s[1:, :] & s[:-1, :])
     d = changes(o[1:, 1:], o[:-1, :-1], s[1:, 1:] & s[:-1, :-1])
     a = changes(o[1:, :-1], o[:-1, 1:], s[1:, :-1] & s[:-1, 1:])
-    return np.array([hole, hole_inner, hole_rim, h, v, d, a], dtype=np.float64)
+    isolated, count = _isolated_holes(obj, silhouette)
+    return np.array([hole, hole_inner, hole_rim, h, v, d, a, isolated], dtype=np.float64), count
 
 
 def _parts(array: np.ndarray):
@@ -116,7 +168,8 @@ def _parts(array: np.ndarray):
     border = np.concatenate([lab[:2].ravel(), lab[-2:].ravel(), lab[:, :2].ravel(), lab[:, -2:].ravel()])
     bg = int(np.bincount(border, minlength=len(_NAMES)).argmax())
     obj = _largest_blob(lab != bg)
-    silhouette = fill_holes(scenes.erode(scenes.dilate(obj, 3), 3) | obj)
+    silhouette = _largest_component(fill_holes(scenes.erode(scenes.dilate(obj, 3), 3) | obj))
+    obj &= silhouette
     return lab, bg, obj, silhouette
 
 
@@ -130,7 +183,7 @@ def _style_prototypes() -> tuple[list, np.ndarray, np.ndarray]:
         for _ in range(40):
             scene = scenes.random_scene(rng, style=name)
             _, _, obj, sil = _parts(scenes.render(scene).astype(np.float32))
-            feats[name].append(_texture_features(obj, sil))
+            feats[name].append(_texture_features(obj, sil)[0])
     means = np.stack([np.mean(feats[n], 0) for n in names])
     spread = np.concatenate([np.asarray(feats[n]) - means[i] for i, n in enumerate(names)]).std(0) + 0.02
     return names, means, spread
@@ -140,30 +193,43 @@ def _style(obj: np.ndarray, silhouette: np.ndarray) -> Optional[str]:
     if not silhouette.any():
         return None
     names, means, spread = _style_prototypes()
-    f = _texture_features(obj, silhouette)
-    return names[int((((f - means) / spread) ** 2).sum(1).argmin())]
+    f, holes = _texture_features(obj, silhouette)
+    isolated = f[-1]
+    for i in (((f - means) / spread) ** 2).sum(1).argsort():
+        if names[i] in HOLE_STYLES and (isolated < 0.7 or holes < 4):
+            continue  # no isolated holes: not a style made of them, however near its prototype
+        return names[int(i)]
+    return None
 
 
 def _place(lab: np.ndarray, bg: int, silhouette: np.ndarray) -> tuple[Optional[str], float]:
+    """The place the object shows (or None) and the best outline overlap among places that pass."""
     box = _box(silhouette)
     if box is None:
         return None, 0.0
-    best, best_agree = None, 0.0
+    x0, y0, x1, y1 = box
+    best, best_iou = None, 0.0
     for place in scenes.PLACES:
-        layers = scenes.place_layers(place)
+        if _NAMES[bg] in scenes.PLACE_COLOURS[place]:
+            continue
+        drawing = np.full((SIZE, SIZE), -1)
+        for colour, mask in scenes.place_layers(place):
+            drawing[mask] = _NAMES.index(colour)
+        dx0, dy0, dx1, dy1 = _box(drawing >= 0)
+        crop = drawing[dy0:dy1, dx0:dx1]
+        rows = (np.arange(y1 - y0) * crop.shape[0] // (y1 - y0))
+        cols = (np.arange(x1 - x0) * crop.shape[1] // (x1 - x0))
         ref = np.full((SIZE, SIZE), -1)
-        for colour, mask in layers:
-            ref[mask] = _NAMES.index(colour)
-        rbox = _box(ref >= 0)
-        dx, dy = box[0] - rbox[0], box[3] - rbox[3]  # align left edges and bottoms
-        ref = np.full((SIZE, SIZE), -1)
-        for colour, mask in scenes.place_layers(place, dx, dy):
-            ref[mask] = _NAMES.index(colour)
-        union = (ref >= 0) | silhouette
-        agree = ((ref == lab) & union).sum() / max(1, union.sum())
-        if agree > best_agree:
-            best, best_agree = place, float(agree)
-    return (best if best_agree >= PLACE_THRESHOLD else None), best_agree
+        ref[y0:y1, x0:x1] = crop[rows][:, cols]  # the drawing stretched onto the object's box
+        iou = ((ref >= 0) & silhouette).sum() / max(1, ((ref >= 0) | silhouette).sum())
+        own = np.isin(lab, sorted(set(ref[ref >= 0].tolist()))) & silhouette
+        if own.sum() < 0.5 * silhouette.sum():  # mostly other colours: not this place
+            continue
+        shown = sum(((lab == c) & silhouette).sum() / silhouette.sum() >= 0.5 * (ref == c).sum() / (ref >= 0).sum()
+                    for c in set(ref[ref >= 0].tolist()))
+        if iou >= PLACE_OUTLINE_IOU and shown >= PLACE_MIN_COLOURS and iou > best_iou:
+            best, best_iou = place, float(iou)
+    return best, best_iou
 
 
 def analyse(image: Any) -> dict:
