@@ -202,6 +202,16 @@ def _style(obj: np.ndarray, silhouette: np.ndarray) -> Optional[str]:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _place_drawing(place: str) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The place's drawing cropped to its box (palette indices, -1 = ground) and its colours."""
+    drawing = np.full((SIZE, SIZE), -1)
+    for colour, mask in scenes.place_layers(place):
+        drawing[mask] = _NAMES.index(colour)
+    x0, y0, x1, y1 = _box(drawing >= 0)
+    return drawing[y0:y1, x0:x1], tuple(sorted(set(drawing[drawing >= 0].tolist())))
+
+
 def _place(lab: np.ndarray, bg: int, silhouette: np.ndarray) -> tuple[Optional[str], float]:
     """The place the object shows (or None) and the best outline overlap among places that pass."""
     box = _box(silhouette)
@@ -212,21 +222,17 @@ def _place(lab: np.ndarray, bg: int, silhouette: np.ndarray) -> tuple[Optional[s
     for place in scenes.PLACES:
         if _NAMES[bg] in scenes.PLACE_COLOURS[place]:
             continue
-        drawing = np.full((SIZE, SIZE), -1)
-        for colour, mask in scenes.place_layers(place):
-            drawing[mask] = _NAMES.index(colour)
-        dx0, dy0, dx1, dy1 = _box(drawing >= 0)
-        crop = drawing[dy0:dy1, dx0:dx1]
+        crop, colours = _place_drawing(place)
         rows = (np.arange(y1 - y0) * crop.shape[0] // (y1 - y0))
         cols = (np.arange(x1 - x0) * crop.shape[1] // (x1 - x0))
         ref = np.full((SIZE, SIZE), -1)
         ref[y0:y1, x0:x1] = crop[rows][:, cols]  # the drawing stretched onto the object's box
         iou = ((ref >= 0) & silhouette).sum() / max(1, ((ref >= 0) | silhouette).sum())
-        own = np.isin(lab, sorted(set(ref[ref >= 0].tolist()))) & silhouette
+        own = np.isin(lab, colours) & silhouette
         if own.sum() < 0.5 * silhouette.sum():  # mostly other colours: not this place
             continue
         shown = sum(((lab == c) & silhouette).sum() / silhouette.sum() >= 0.5 * (ref == c).sum() / (ref >= 0).sum()
-                    for c in set(ref[ref >= 0].tolist()))
+                    for c in colours)
         if iou >= PLACE_OUTLINE_IOU and shown >= PLACE_MIN_COLOURS and iou > best_iou:
             best, best_iou = place, float(iou)
     return best, best_iou
