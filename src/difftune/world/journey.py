@@ -9,7 +9,8 @@ Strategies (`STRATEGIES`; each is the config overrides of its place stage, or th
 
 - ``style-only`` / ``place-only``: the references (one LoRA each, from the base);
 - ``sequential``: ``method.init_lora`` = the style LoRA, trained on the place alone (the seed's failure);
-- ``replay``: as sequential, plus ``data.replay`` of the style run (half of every batch);
+- ``replay``: as sequential, plus ``data.replay`` of the style run (half of every batch: the default ratio);
+- ``replay-75``: as replay, with three of every four samples replayed (``data.replay_ratio: 0.75``);
 - ``joint``: one LoRA on both concepts from the base, as many steps as both stages together;
 - ``prior``: as sequential, plus prior preservation with base-drawn class images;
 - ``output``: as sequential, plus output preservation on trigger-free prompts;
@@ -64,6 +65,8 @@ STRATEGIES: dict[str, Strategy] = {
     "sequential": Strategy("init_lora = style, trained on the place", _continuing()),
     "replay": Strategy("sequential + data.replay of the style run at ratio 0.5",
                        _continuing(lambda j: {"data.replay": [str(j.run("style-only"))], "data.replay_ratio": 0.5})),
+    "replay-75": Strategy("sequential + data.replay of the style run at ratio 0.75",
+                          _continuing(lambda j: {"data.replay": [str(j.run("style-only"))], "data.replay_ratio": 0.75})),
     "joint": Strategy("one LoRA on both concepts, both stages' steps",
                       lambda j: {"data.concepts": j.style_data()["data.concepts"] + j.place_data()["data.concepts"],
                                  "train.steps": 2 * j.steps}),
