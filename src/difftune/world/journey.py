@@ -59,14 +59,17 @@ def _continuing(extra: Callable[["Journey"], dict] = lambda j: {}) -> Callable[[
     return lambda j: {"method.init_lora": str(j.run("style-only")), **j.place_data(), **extra(j)}
 
 
+def _replay(ratio: float) -> Strategy:
+    return Strategy(f"sequential + data.replay of the style run at ratio {ratio}",
+                    _continuing(lambda j: {"data.replay": [str(j.run("style-only"))], "data.replay_ratio": ratio}))
+
+
 STRATEGIES: dict[str, Strategy] = {
     "style-only": Strategy("the style LoRA alone (reference)", lambda j: j.style_data()),
     "place-only": Strategy("a place LoRA from the base (reference)", lambda j: j.place_data()),
     "sequential": Strategy("init_lora = style, trained on the place", _continuing()),
-    "replay": Strategy("sequential + data.replay of the style run at ratio 0.5",
-                       _continuing(lambda j: {"data.replay": [str(j.run("style-only"))], "data.replay_ratio": 0.5})),
-    "replay-75": Strategy("sequential + data.replay of the style run at ratio 0.75",
-                          _continuing(lambda j: {"data.replay": [str(j.run("style-only"))], "data.replay_ratio": 0.75})),
+    "replay": _replay(0.5),
+    "replay-75": _replay(0.75),
     "joint": Strategy("one LoRA on both concepts, both stages' steps",
                       lambda j: {"data.concepts": j.style_data()["data.concepts"] + j.place_data()["data.concepts"],
                                  "train.steps": 2 * j.steps}),
