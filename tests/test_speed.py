@@ -263,3 +263,51 @@ def test_adamw8bit_needs_cuda_and_fp16_an_accelerator(tiny_sd, tmp_path):
         cfg = load_config(None, base_overrides(tiny_sd, data, tmp_path / key, **{key: value}))
         with pytest.raises(DifftuneError, match=needs):
             train(cfg, log=quiet)
+
+
+def test_auto_compile_only_where_it_was_measured_to_pay(monkeypatch):
+    """`speed.compile: auto` (the default) compiles a FLUX transformer regionally for a long CUDA run and
+    leaves everything else eager: a CPU, a short run, block swap, an fp8 base, gradient checkpointing,
+    a UNet, no triton."""
+    from difftune import speed
+
+    class FluxTransformer2DModel:  # only the class name matters to the rule
+        pass
+
+    class UNet2DConditionModel:
+        pass
+
+    flux, unet, cuda = FluxTransformer2DModel(), UNet2DConditionModel(), torch.device("cuda")
+    monkeypatch.setattr(speed, "_has_triton", lambda: True)
+    mode = lambda *o, module=flux, device=cuda: speed.compile_mode(load_config(None, list(o)), module, device)  # noqa: E731
+    assert load_config(None, []).speed.compile == "auto"
+    assert mode("train.steps=1000") == "regional"
+    assert mode("train.steps=1000", device=torch.device("cpu")) == "none"
+    assert mode("train.steps=100") == "none"
+    assert mode("train.steps=1000", "speed.block_swap=4") == "none"
+    assert mode("train.steps=1000", "speed.base_weights=fp8") == "none"
+    assert mode("train.steps=1000", "train.gradient_checkpointing=true") == "none"
+    assert mode("train.steps=1000", module=unet) == "none"
+    assert mode("train.steps=10", "speed.compile=regional", device=torch.device("cpu")) == "regional"  # asked for
+    monkeypatch.setattr(speed, "_has_triton", lambda: False)
+    assert mode("train.steps=1000") == "none"
+
+
+def test_fp8_base_loads_the_denoiser_into_host_memory(tiny_flux, tmp_path):
+    """With an fp8 base the bf16 denoiser never reaches the device whole: loading leaves it on the host
+    (here: the CPU, while the device is ``meta``), `speed.apply` stores it in fp8 and then moves it."""
+    from difftune.families.registry import resolve_family
+    from difftune.speed import denoiser_on_host
+
+    def loaded(*overrides):
+        cfg = load_config(None, base_overrides(tiny_flux, tmp_path, tmp_path / "out") + list(overrides))
+        family = resolve_family(cfg.model.path, cfg.model.family)(cfg, torch.device("meta"), torch.float32)
+        family.load()
+        return cfg, {name: next(p.parameters()).device.type for name, p in family.parts.items()
+                     if isinstance(p, torch.nn.Module) and any(True for _ in p.parameters())}, family
+
+    cfg, devices, family = loaded("speed.base_weights=fp8")
+    assert denoiser_on_host(cfg) and devices[family.denoiser] == "cpu"
+    assert {d for n, d in devices.items() if n != family.denoiser} == {"meta"}
+    cfg, devices, family = loaded()
+    assert not denoiser_on_host(cfg) and set(devices.values()) == {"meta"}

@@ -276,10 +276,12 @@ class SpeedConfig:
         "picks FlashAttention / memory-efficient kernels on CUDA itself; `flash`, `_native_cudnn`, `sage`, "
         "`xformers`, ... need CUDA and their package. UNets always use PyTorch SDPA (AttnProcessor2_0).",
     )
-    compile: Literal["none", "regional", "full"] = _f(
-        "none",
+    compile: Literal["auto", "none", "regional", "full"] = _f(
+        "auto",
         "torch.compile the denoiser: `regional` compiles its repeated transformer blocks (short warm-up), `full` "
-        "the whole forward. Needs triton on CUDA, a C++ compiler on CPU.",
+        "the whole forward; needs triton on CUDA, a C++ compiler on CPU. `auto`: `regional` where it was measured "
+        "to pay (a FLUX transformer on one CUDA GPU, 500 steps or more, no gradient checkpointing, block swap or "
+        "fp8/nf4 base), else `none`.",
     )
     tf32: bool = _f(True, "TF32 for fp32 matmuls and convolutions on Ampere or newer GPUs (no effect elsewhere).")
     fused_optimizer: bool = _f(True, "Fused AdamW kernel where torch has one (CUDA, CPU); ignored with adamw8bit.")

@@ -312,6 +312,7 @@ class Family:
         import torch
 
         from ..methods import get_method
+        from ..speed import denoiser_on_host
 
         m = self.cfg.model
         self.index = read_model_index(m.path, m.revision)
@@ -320,8 +321,8 @@ class Family:
         for name, spec in pipeline_parts(self.index).items():
             dtype = trained_dtype if name in trained else self.weight_dtype
             part = load_part(m.path, name, spec, dtype, m.revision, m.variant)
-            # under block swap the denoiser stays on the host: speed.apply moves all but the swapped blocks
-            if isinstance(part, torch.nn.Module) and not (name == self.denoiser and self.cfg.speed.block_swap):
+            # the denoiser may stay on the host (block swap, an fp8 base): speed.apply moves it when it is ready
+            if isinstance(part, torch.nn.Module) and not (name == self.denoiser and denoiser_on_host(self.cfg)):
                 part.to(self.device)
             self.parts[name] = part
         missing = [p for p in [self.denoiser, *self.text_encoders] if p not in self.parts]
