@@ -7,6 +7,7 @@
 #
 # OUT gets results.md (the table), results.jsonl (every field), logs/, rows/, env.txt (card, driver,
 # package versions) and OUT.tar.gz beside it (everything in one file, the large work files left out).
+# Where only a few files come back from the GPU machine (the device tool returns 8), bring OUT.tar.gz.
 set -uo pipefail
 WHEELS=${1:-.whl}
 OUT=${2:-gpu-results}
@@ -28,6 +29,8 @@ PEER_ARGS=()
 if [ -f "$PEERS/train_dreambooth_lora_flux.py" ]; then PEER_ARGS=(--peer-scripts "$PEERS"); fi
 "$PY" -m difftune bench --suite gpu --out "$OUT" --budget "$BUDGET" "${PEER_ARGS[@]}"
 status=$?
+# the peer runs' own logs (the scripts' output) before the large work files go
+for f in "$OUT"/work/*.log; do [ -f "$f" ] && cp "$f" "$OUT/logs/work-$(basename "$f")"; done
 rm -rf "$OUT/work"
 tar -czf "$OUT.tar.gz" -C "$(dirname "$OUT")" "$(basename "$OUT")"
 exit $status

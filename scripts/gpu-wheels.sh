@@ -16,15 +16,17 @@ PY=${PYTHON:-python3}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$WHEELS" "$PEERS"
 pin() { grep -i "^$1==" "$ROOT/constraints.txt" | head -1; }
-# what the GPU image lacks (see /work/.library/device/KINDS.md for its package list); pure-Python wheels
-NEEDED="diffusers datasets dill multiprocess peft importlib_metadata"
+# what the GPU image lacks or holds at another version (see /work/.library/device/KINDS.md for its package
+# list): pure-Python wheels, then tokenizers (compiled). The image's own tokenizers (0.23.2) cannot read the
+# T5 tokenizer that the bench's pipelines save with 0.23.3 (a GPU run failed every FLUX case on it).
+PURE="diffusers datasets dill multiprocess peft importlib_metadata transformers"
 SPECS=()
-for name in $NEEDED; do SPECS+=("$(pin "$name")"); done
+for name in $PURE; do SPECS+=("$(pin "$name")"); done
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation py \
-  --platform any -d "$WHEELS" "${SPECS[@]}" || \
+  --platform any -d "$WHEELS" "${SPECS[@]}"
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-  -d "$WHEELS" "${SPECS[@]}"
+  -d "$WHEELS" "$(pin tokenizers)"
 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$WHEELS" "$ROOT"
 if [ -n "$CHECKOUT" ]; then
   for f in examples/dreambooth/train_dreambooth_lora_flux.py examples/text_to_image/train_text_to_image_lora.py; do

@@ -34,7 +34,7 @@ for flag in ["--cache_latents", "--center_crop", "--gradient_checkpointing"]:
     p.add_argument(flag, action="store_true")
 args = p.parse_args()
 images = [f for f in os.listdir(getattr(args, DATA_FLAG[2:])) if f.endswith(".png")]
-assert images, "no images"
+assert len(images) >= int(args.train_batch_size), "fewer images than a batch: the real scripts train smaller batches"
 index = json.loads((Path(args.pretrained_model_name_or_path) / "model_index.json").read_text())
 library, cls = index[DENOISER]
 model = getattr(diffusers, cls).from_pretrained(args.pretrained_model_name_or_path, subfolder=DENOISER)
@@ -88,6 +88,18 @@ def test_tiny_gpu_suite_produces_every_row(tmp_path):
     for name in names:
         assert f"| {name} |" in table
     assert "proves the suite" in table
+
+
+def test_peer_images_fill_a_batch(tmp_path):
+    """diffusers' scripts do not repeat a folder smaller than the batch (a GPU run once timed the SD
+    script on batches of 4 instead of 32), so the peer folders hold at least a batch of images."""
+    from difftune.bench.peers import write_images
+
+    root = write_images(tmp_path, 16, batch=6)
+    assert len(list((root / "plain").glob("*.png"))) == 6
+    assert len(list((root / "imagefolder").glob("*.png"))) == 6
+    assert len((root / "imagefolder" / "metadata.jsonl").read_text().splitlines()) == 6
+    assert len(list((write_images(tmp_path, 16) / "plain").glob("*.png"))) == 4
 
 
 def test_budget_spent_skips_the_rest(tmp_path):

@@ -31,6 +31,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -140,12 +141,16 @@ def write_pipeline(family: str, preset: str, work: Path, device: Any = None, pre
     return folder
 
 
-def write_images(work: Path, size: int, n: int = 4) -> Path:
+def write_images(work: Path, size: int, batch: int = 1) -> Path:
     """Images in the two layouts the scripts read: a plain folder (DreamBooth: every file is an image)
-    and a datasets ``imagefolder`` with ``metadata.jsonl`` captions (text-to-image)."""
+    and a datasets ``imagefolder`` with ``metadata.jsonl`` captions (text-to-image).
+
+    At least `batch` of them: the scripts' data loaders do not repeat a smaller folder to fill a
+    batch (they would train on batches of the folder's size and look faster than they are)."""
     from PIL import Image, ImageDraw
 
-    root = work / f"images-{size}"
+    n = max(4, batch)
+    root = work / f"images-{size}-{n}"
     if root.exists():
         return root
     for sub in ("plain", "imagefolder"):
@@ -212,6 +217,11 @@ def probe(record: Path, argv: list[str]) -> None:
         record.write_text(json.dumps({"step_times": steps, "step_cpu": cpu, "peak_rss": rss, "cuda_peak": cuda}))
 
     atexit.register(write)
+    # The same attention kernels on both sides: difftune leaves PyTorch's cuDNN SDPA kernel out on CUDA
+    # (speed.py: with it, every FLUX.1 LoRA backward on an H200 failed with an illegal memory access), so
+    # the peer's process does too. Nothing else of the script's set-up is touched.
+    if torch.cuda.is_available():
+        torch.backends.cuda.enable_cudnn_sdp(False)
     if argv[0] == "-m":
         sys.argv = [argv[1], *argv[2:]]
         runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
@@ -239,8 +249,7 @@ def run_probed(argv: list[str], work: Path, name: str, timeout: float | None = N
             raise DifftuneError(f"{name}: no result within {timeout:.0f} s (log: {log})") from None
     wall = time.time() - t0
     if rc != 0 or not record.exists():
-        tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
-        raise DifftuneError(f"{name} failed (exit {rc}): {tail[0][:300]} (log: {log})")
+        raise DifftuneError(f"{name} failed (exit {rc}): {_error_line(log)[:300]} (log: {log})")
     data = json.loads(record.read_text())
     times = data["step_times"]
     if len(times) < warmup + 2:
@@ -254,6 +263,13 @@ def run_probed(argv: list[str], work: Path, name: str, timeout: float | None = N
             "peak_rss_gb": data["peak_rss"] / 1e9,
             "cuda_peak_gb": data["cuda_peak"] / 1e9 if data["cuda_peak"] is not None else None,
             "optimizer_steps": len(times)}
+
+
+def _error_line(log: Path) -> str:
+    """The last line of `log` that names an error (a progress bar is often the very last line)."""
+    lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    errors = [ln for ln in lines if re.search(r"(Error|Exception)\b|error:", ln)]
+    return (errors or lines or ["(no output)"])[-1]
 
 
 def _shim_path() -> list[str]:
@@ -294,7 +310,7 @@ def compare(family: str, preset: str, scripts: Path, work: Path, steps: int, rou
     precision = precision or ("bf16" if torch.cuda.is_available() else "no")
     resolution = resolution or cases.family_presets(family)[preset].resolution
     model = write_pipeline(family, preset, work, precision=precision)
-    s = Setting(model, write_images(work, resolution), resolution, rank, batch, precision, steps,
+    s = Setting(model, write_images(work, resolution, batch), resolution, rank, batch, precision, steps,
                 gradient_checkpointing)
     sides: dict[str, list[dict]] = {"difftune": [], "peer": []}
     for r in range(rounds):
@@ -356,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             precision = a.precision or ("bf16" if torch.cuda.is_available() else "no")
             resolution = a.resolution or cases.family_presets(a.family)[a.preset].resolution
             model = write_pipeline(a.family, a.preset, a.work, precision=precision)
-            s = Setting(model, write_images(a.work, resolution), resolution, a.rank, a.batch, precision, a.steps,
+            s = Setting(model, write_images(a.work, resolution, a.batch), resolution, a.rank, a.batch, precision, a.steps,
                         a.gradient_checkpointing)
             row = {"family": a.family, "preset": a.preset, "resolution": resolution, "rank": a.rank,
                    "batch": a.batch, "precision": precision, "steps": a.steps,
