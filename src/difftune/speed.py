@@ -76,12 +76,14 @@ def denoiser_on_host(cfg: "Config") -> bool:
     return bool(cfg.speed.block_swap) or cfg.speed.base_weights == "fp8"
 
 
-def describe(cfg: "Config") -> str:
-    """One line with the switches that differ from plain eager PyTorch, for the run log."""
+def describe(cfg: "Config", module: Any = None, device: Any = None) -> str:
+    """One line with the switches that differ from plain eager PyTorch, for the run log (with the
+    denoiser `module` and `device`, what ``speed.compile: auto`` chose)."""
     s = cfg.speed
     parts = [f"attention={s.attention_backend}"]
-    if s.compile not in ("none", "auto"):
-        parts.append(f"compile={s.compile}")
+    mode = compile_mode(cfg, module, device)
+    if mode != "none":
+        parts.append(f"compile={mode}" + (" (auto: the first steps compile, about a minute)" if s.compile == "auto" else ""))
     if s.base_weights != "auto":
         parts.append(f"base_weights={s.base_weights}")
     if s.channels_last:

@@ -252,7 +252,7 @@ def _train(cfg: Config, checked, log, progress_mode: str) -> Path:
     method.start(family, part_names, say if not resumed else (lambda *_: None))
     terms = make_terms(cfg, family, lambda prompts: route.prompts(prompts))  # cfg.preserve, objectives/preserve.py
     speed.apply(family.parts[family.denoiser], cfg, weight_dtype, family.block_lists, accelerator.device)
-    say(f"speed: {speed.describe(cfg)}")
+    say(f"speed: {speed.describe(cfg, family.parts[family.denoiser], accelerator.device)}")
     say(par.plan_line(family, part_names))
     par.shard(family, part_names)  # FSDP: one unit per block; the optimizer below then holds shards
 
