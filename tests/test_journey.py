@@ -23,6 +23,7 @@ def test_journey_trains_and_scores_every_strategy(tmp_path, tiny_sd):
     cfg = (runs / "replay" / "config.yaml").read_text()
     assert str(runs / "style-only") in cfg and "replay_ratio: 0.5" in cfg
     assert "replay_ratio: 0.75" in (runs / "replay-75" / "config.yaml").read_text()
+    assert "replay_ratio: 0.8" in (runs / "replay-80" / "config.yaml").read_text()
     assert "init_lora: " + str(runs / "style-only") in (runs / "sequential" / "config.yaml").read_text()
     assert (runs / "joint" / "config.yaml").read_text().count("- dir:") == 2
     assert all("rank: 4" in (runs / n / "config.yaml").read_text() for n in trained)  # the user's setting, every stage

@@ -10,7 +10,7 @@ Strategies (`STRATEGIES`; each is the config overrides of its place stage, or th
 - ``style-only`` / ``place-only``: the references (one LoRA each, from the base);
 - ``sequential``: ``method.init_lora`` = the style LoRA, trained on the place alone (the seed's failure);
 - ``replay``: as sequential, plus ``data.replay`` of the style run (half of every batch: the default ratio);
-- ``replay-75``: as replay, with three of every four samples replayed (``data.replay_ratio: 0.75``);
+- ``replay-75`` / ``replay-80``: as replay, with 75% / 80% of every batch replayed (``data.replay_ratio``);
 - ``joint``: one LoRA on both concepts from the base, as many steps as both stages together;
 - ``prior``: as sequential, plus prior preservation with base-drawn class images;
 - ``output``: as sequential, plus output preservation on trigger-free prompts;
@@ -70,6 +70,7 @@ STRATEGIES: dict[str, Strategy] = {
     "sequential": Strategy("init_lora = style, trained on the place", _continuing()),
     "replay": _replay(0.5),
     "replay-75": _replay(0.75),
+    "replay-80": _replay(0.8),
     "joint": Strategy("one LoRA on both concepts, both stages' steps",
                       lambda j: {"data.concepts": j.style_data()["data.concepts"] + j.place_data()["data.concepts"],
                                  "train.steps": 2 * j.steps}),
