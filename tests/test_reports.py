@@ -58,7 +58,10 @@ def resumed_run(tmp_path_factory, tiny_sd, data):
     args = small(tiny_sd, data, out, steps=2)
     config = out.parent / "empty.yaml"
     config.write_text("{}\n")
-    env = dict(os.environ, DIFFTUNE_TEST_THREADS=str(torch.get_num_threads()))
+    # every process at this process's thread count (killer.py reads DIFFTUNE_TEST_THREADS, `difftune` itself
+    # torch's OMP_NUM_THREADS): the step-0 validation losses of two processes compare exactly only then
+    threads = str(torch.get_num_threads())
+    env = dict(os.environ, DIFFTUNE_TEST_THREADS=threads, OMP_NUM_THREADS=threads)
     killed = subprocess.run([sys.executable, str(HERE / "killer.py"), "kill-micro", "2", "train", str(config), *args],
                             capture_output=True, text=True, env=env, timeout=600)
     assert killed.returncode == -9, killed.stderr[-2000:]
@@ -186,7 +189,10 @@ def sweep(tmp_path_factory, tiny_sd, data):
     root = tmp_path_factory.mktemp("sweep")
     config = sweep_config(root, tiny_sd, data)
     out = root / "sw"
-    env = dict(os.environ, DIFFTUNE_TEST_THREADS=str(torch.get_num_threads()))
+    # every process at this process's thread count (killer.py reads DIFFTUNE_TEST_THREADS, `difftune` itself
+    # torch's OMP_NUM_THREADS): the step-0 validation losses of two processes compare exactly only then
+    threads = str(torch.get_num_threads())
+    env = dict(os.environ, DIFFTUNE_TEST_THREADS=threads, OMP_NUM_THREADS=threads)
     killed = subprocess.run([sys.executable, str(HERE / "killer.py"), "kill-micro", "2", "train", str(config),
                              "method.rank=8", f"output_dir={out / 'rank-8'}"], capture_output=True, text=True, env=env,
                             timeout=600)
