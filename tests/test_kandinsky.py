@@ -72,8 +72,8 @@ def run(config: str | None, overrides: list[str], family_cls=None, log=quiet) ->
         return train(load_config(config, overrides), log=log), None
     original = family_cls.load
 
-    def capture(self):
-        original(self)
+    def capture(self, *args, **kwargs):
+        original(self, *args, **kwargs)
         captured["family"] = self
 
     family_cls.load = capture

@@ -48,8 +48,8 @@ def lora_run(tmp_path_factory, foreign_sd):
     captured = {}
     original = sd.StableDiffusion.load
 
-    def capture(self):
-        original(self)
+    def capture(self, *args, **kwargs):
+        original(self, *args, **kwargs)
         captured["family"] = self
 
     sd.StableDiffusion.load = capture

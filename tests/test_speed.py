@@ -268,18 +268,13 @@ def test_adamw8bit_needs_cuda_and_fp16_an_accelerator(tiny_sd, tmp_path):
 def test_auto_compile_only_where_it_was_measured_to_pay(monkeypatch):
     """`speed.compile: auto` (the default) compiles a FLUX transformer regionally for a long CUDA run and
     leaves everything else eager: a CPU, a short run, block swap, an fp8 base, gradient checkpointing,
-    a UNet, no triton."""
+    a family where it was not measured to pay (SD's UNet), no triton."""
     from difftune import speed
+    from difftune.families.registry import get_family
 
-    class FluxTransformer2DModel:  # only the class name matters to the rule
-        pass
-
-    class UNet2DConditionModel:
-        pass
-
-    flux, unet, cuda = FluxTransformer2DModel(), UNet2DConditionModel(), torch.device("cuda")
+    flux, unet, cuda = get_family("flux").compile_pays, get_family("sd").compile_pays, torch.device("cuda")
     monkeypatch.setattr(speed, "_has_triton", lambda: True)
-    mode = lambda *o, module=flux, device=cuda: speed.compile_mode(load_config(None, list(o)), module, device)  # noqa: E731
+    mode = lambda *o, module=flux, device=cuda: speed.compile_mode(load_config(None, list(o)), device, module)  # noqa: E731
     assert load_config(None, []).speed.compile == "auto"
     assert mode("train.steps=1000") == "regional"
     assert mode("train.steps=1000", device=torch.device("cpu")) == "none"
@@ -302,7 +297,7 @@ def test_fp8_base_loads_the_denoiser_into_host_memory(tiny_flux, tmp_path):
     def loaded(*overrides):
         cfg = load_config(None, base_overrides(tiny_flux, tmp_path, tmp_path / "out") + list(overrides))
         family = resolve_family(cfg.model.path, cfg.model.family)(cfg, torch.device("meta"), torch.float32)
-        family.load()
+        family.load(denoiser_on_host(cfg))  # as training loads it
         return cfg, {name: next(p.parameters()).device.type for name, p in family.parts.items()
                      if isinstance(p, torch.nn.Module) and any(True for _ in p.parameters())}, family
 

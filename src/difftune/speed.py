@@ -5,7 +5,7 @@ train.py (and bench/runners.py, which times the same step) calls three functions
 1. `setup(cfg, device)` once the accelerator exists and *before any model is loaded*: checks that
    every switch can run on this machine (a one-line `DifftuneError` naming what is missing, so a
    run does not load a 12B model first and fail after) and sets the process-wide matmul flags (TF32).
-2. `apply(module, cfg, compute_dtype, block_lists, device)` on the denoiser after the method (LoRA or
+2. `apply(module, cfg, compute_dtype, block_lists, device, compile_pays)` on the denoiser after the method (LoRA or
    full) is attached and gradient checkpointing is set, before ``accelerator.prepare``: storage of the
    frozen base weights (fp8 / nf4), channels_last, the attention backend, torch.compile, then block
    swap and activation offloading (`difftune.offload`), in that order.
@@ -43,16 +43,15 @@ CPU_ATTENTION_BACKENDS = ("native", "_native_math")
 KEEP_PRECISION_PATTERNS = ("embed", "^proj_in$", "^proj_out$", "lora_")
 
 
-#: ``speed.compile: auto`` compiles these denoisers regionally: on an H200 a FLUX.1-dev LoRA step took
-#: 0.42 s compiled against 0.60 s eager, after a warm-up of under a minute (BENCHMARKS.md), so a run of
-#: `AUTO_COMPILE_MIN_STEPS` steps or more gains. Others stay eager until a GPU run measures them.
-AUTO_COMPILE_MODELS = ("FluxTransformer2DModel",)
+#: ``speed.compile: auto`` compiles a family's denoiser regionally for runs of at least this many steps,
+#: where the family says it pays (``Family.compile_pays``: FLUX, 0.42 s/step compiled against 0.60 s eager on
+#: an H200 after under a minute of warm-up, BENCHMARKS.md). Others stay eager until a GPU run measures them.
 AUTO_COMPILE_MIN_STEPS = 500
 
 
-def compile_mode(cfg: "Config", module: Any = None, device: Any = None) -> str:
-    """What ``speed.compile`` means for `module` on `device`: the setting itself, or for ``auto``
-    ``regional`` where it pays (see `AUTO_COMPILE_MODELS`) and ``none`` elsewhere."""
+def compile_mode(cfg: "Config", device: Any = None, compile_pays: bool = False) -> str:
+    """What ``speed.compile`` means on `device`: the setting itself, or for ``auto`` ``regional`` where
+    the family's `compile_pays` and the run match what was measured, and ``none`` elsewhere."""
     s = cfg.speed
     if s.compile != "auto":
         return s.compile
@@ -60,7 +59,7 @@ def compile_mode(cfg: "Config", module: Any = None, device: Any = None) -> str:
     # only the setting that was measured: one process, no gradient checkpointing, no block swap, bf16/fp32 base
     several = torch.distributed.is_available() and torch.distributed.is_initialized() \
         and torch.distributed.get_world_size() > 1
-    pays = (on_cuda and type(module).__name__ in AUTO_COMPILE_MODELS and cfg.train.steps >= AUTO_COMPILE_MIN_STEPS
+    pays = (on_cuda and compile_pays and cfg.train.steps >= AUTO_COMPILE_MIN_STEPS
             and not (s.block_swap or cfg.train.gradient_checkpointing or several) and s.base_weights == "auto")
     return "regional" if pays and _has_triton() else "none"
 
@@ -70,18 +69,18 @@ def _has_triton() -> bool:
 
 
 def denoiser_on_host(cfg: "Config") -> bool:
-    """Whether the denoiser is loaded into host memory and left there until `apply` puts it on the
-    device: under block swap (the swapped blocks never go there) and with an fp8 base, which is stored
+    """Whether training loads the denoiser into host memory (``Family.load(denoiser_on_host=True)``) and
+    leaves it there until `apply` puts it on the device: under block swap (the swapped blocks never go there) and with an fp8 base, which is stored
     in fp8 first, so the device never holds the bf16 weights (FLUX.1-dev: 23.8 GB, against 12 in fp8)."""
     return bool(cfg.speed.block_swap) or cfg.speed.base_weights == "fp8"
 
 
-def describe(cfg: "Config", module: Any = None, device: Any = None) -> str:
-    """One line with the switches that differ from plain eager PyTorch, for the run log (with the
-    denoiser `module` and `device`, what ``speed.compile: auto`` chose)."""
+def describe(cfg: "Config", device: Any = None, compile_pays: bool = False) -> str:
+    """One line with the switches that differ from plain eager PyTorch, for the run log (with `device`
+    and the family's `compile_pays`, what ``speed.compile: auto`` chose)."""
     s = cfg.speed
     parts = [f"attention={s.attention_backend}"]
-    mode = compile_mode(cfg, module, device)
+    mode = compile_mode(cfg, device, compile_pays)
     if mode != "none":
         parts.append(f"compile={mode}" + (" (auto: the first steps compile, about a minute)" if s.compile == "auto" else ""))
     if s.base_weights != "auto":
@@ -173,13 +172,14 @@ def _check_attention_backend(name: str, device: torch.device) -> None:
 
 
 def apply(module: Any, cfg: "Config", compute_dtype: torch.dtype, block_lists: Iterable[str] = (),
-          device: Any = None) -> None:
+          device: Any = None, compile_pays: bool = False) -> None:
     """Apply the model-level switches to `module` (the denoiser, LoRA attached) in place.
 
     `compute_dtype` is the dtype the frozen weights are used in (train.precision's); fp8 and nf4
     weights are turned back into it layer by layer, as each layer runs. `block_lists` (the family's
     ``block_lists``) and `device` serve block swap and activation offloading (`difftune.offload`):
-    with `device` given, the denoiser ends on it, but for the swapped weights.
+    with `device` given, the denoiser ends on it, but for the swapped weights. `compile_pays` is the
+    family's (``speed.compile: auto``, `compile_mode`).
     """
     s = cfg.speed
     if s.base_weights == "fp8":
@@ -191,7 +191,7 @@ def apply(module: Any, cfg: "Config", compute_dtype: torch.dtype, block_lists: I
         module.to(memory_format=torch.channels_last)
     if s.attention_backend != "native":
         set_attention_backend(module, s.attention_backend)
-    mode = compile_mode(cfg, module, device)
+    mode = compile_mode(cfg, device, compile_pays)
     if mode != "none":
         compile_model(module, mode)
     if s.block_swap or s.offload_activations or device is not None:

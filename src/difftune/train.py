@@ -245,14 +245,15 @@ def _train(cfg: Config, checked, log, progress_mode: str) -> Path:
     torch.manual_seed(cfg.train.seed)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.train.precision]
     family = family_cls(cfg, accelerator.device, weight_dtype)
-    family.load()
+    family.load(speed.denoiser_on_host(cfg))
     method = get_method(cfg.method)
     part_names = attach_method(family, cfg)
     # also on resume: preservation terms see the starting weights (e.g. method.init_lora); the checkpoint then overwrites them
     method.start(family, part_names, say if not resumed else (lambda *_: None))
     terms = make_terms(cfg, family, lambda prompts: route.prompts(prompts))  # cfg.preserve, objectives/preserve.py
-    speed.apply(family.parts[family.denoiser], cfg, weight_dtype, family.block_lists, accelerator.device)
-    say(f"speed: {speed.describe(cfg, family.parts[family.denoiser], accelerator.device)}")
+    speed.apply(family.parts[family.denoiser], cfg, weight_dtype, family.block_lists, accelerator.device,
+                family.compile_pays)
+    say(f"speed: {speed.describe(cfg, accelerator.device, family.compile_pays)}")
     say(par.plan_line(family, part_names))
     par.shard(family, part_names)  # FSDP: one unit per block; the optimizer below then holds shards
 

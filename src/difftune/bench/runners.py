@@ -105,7 +105,7 @@ def _run_train(case: Case, cfg: Any, preset: Preset, device: Any, weight_dtype: 
     forward_flops, flops = count_flops(denoiser, args, kwargs)
     probe_s = time.perf_counter() - t_probe
 
-    speed.apply(family.parts[family.denoiser], cfg, weight_dtype, family.block_lists, device)
+    speed.apply(family.parts[family.denoiser], cfg, weight_dtype, family.block_lists, device, family.compile_pays)
     method = get_method(cfg.method)
     groups = [{"params": method.trainable_parameters(family.parts[name]), "lr": cfg.train.lr} for name in part_names]
     params = [p for g in groups for p in g["params"]]

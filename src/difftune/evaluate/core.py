@@ -301,7 +301,6 @@ def evaluate_run(folder: str | Path, *, prompts_file: str | None = None, scorer_
     from ..families.registry import resolve_family
     from ..inference.generate import pick_device
     from ..methods import get_method
-    from ..speed import denoiser_on_host
     from ..train import attach_method, load_trainable_tensors, trainable_tensors
 
     folder = Path(folder)
@@ -320,8 +319,6 @@ def evaluate_run(folder: str | Path, *, prompts_file: str | None = None, scorer_
 
     family = family_cls(cfg, dev, dtype)
     family.load()
-    if denoiser_on_host(cfg):  # training left it there for its speed switches; scoring runs it on `dev`
-        family.parts[family.denoiser].to(dev)
     part_names = attach_method(family, cfg)
     method = get_method(cfg.method)
     base_tensors = {k: t.detach().clone() for k, t in trainable_tensors(family, method, part_names).items()}

@@ -213,6 +213,9 @@ class Family:
     #: the denoiser's lists of repeated blocks (attribute names of ``nn.ModuleList``s), in the order
     #: they run; what ``speed.block_swap`` swaps (empty: the family does not support it)
     block_lists: ClassVar[tuple[str, ...]] = ()
+    #: whether ``speed.compile: auto`` compiles the denoiser regionally (long runs on one CUDA GPU): set
+    #: only where a GPU run measured it paying (`speed.compile_mode`)
+    compile_pays: ClassVar[bool] = False
     #: guidance scale for samples when the config gives none
     default_guidance: ClassVar[float] = 7.5
     #: the part whose spatial factor constrains resolutions (None: nothing spatial is denoised)
@@ -303,8 +306,10 @@ class Family:
             names += list(self.text_encoders)
         return names
 
-    def load(self) -> None:
-        """Load every part: frozen ones in the mixed-precision dtype, fully trained ones in fp32.
+    def load(self, denoiser_on_host: bool = False) -> None:
+        """Load every part: frozen ones in the mixed-precision dtype, fully trained ones in fp32, each on
+        the device, but for the denoiser with `denoiser_on_host` (training under block swap or an fp8
+        base: `speed.denoiser_on_host`), which `speed.apply` puts there when it is ready.
 
         Loading part by part keeps peak RAM near the size of the final model (no fp32 copy of a
         model that will live in bf16).
@@ -312,7 +317,6 @@ class Family:
         import torch
 
         from ..methods import get_method
-        from ..speed import denoiser_on_host
 
         m = self.cfg.model
         self.index = read_model_index(m.path, m.revision)
@@ -321,8 +325,7 @@ class Family:
         for name, spec in pipeline_parts(self.index).items():
             dtype = trained_dtype if name in trained else self.weight_dtype
             part = load_part(m.path, name, spec, dtype, m.revision, m.variant)
-            # the denoiser may stay on the host (block swap, an fp8 base): speed.apply moves it when it is ready
-            if isinstance(part, torch.nn.Module) and not (name == self.denoiser and denoiser_on_host(self.cfg)):
+            if isinstance(part, torch.nn.Module) and not (name == self.denoiser and denoiser_on_host):
                 part.to(self.device)
             self.parts[name] = part
         missing = [p for p in [self.denoiser, *self.text_encoders] if p not in self.parts]

@@ -191,13 +191,13 @@ class _Kandinsky(Family):
         super().__init__(cfg, device, weight_dtype)
         self._companion: Any = None
 
-    def load(self) -> None:
+    def load(self, denoiser_on_host: bool = False) -> None:
         if self.cfg.method.train_text_encoder:
             raise DifftuneError(
                 f"method.train_text_encoder: the {self.name} family trains the {self.denoiser} only "
                 "(diffusers' Kandinsky pipelines load no text-encoder LoRA); set it to false"
             )
-        super().load()
+        super().load(denoiser_on_host)
 
     def clip_sources(self) -> tuple[str, list[str]]:
         """(pipeline folder, parts) that `encode_images` reads besides the autoencoder."""
@@ -286,7 +286,7 @@ class KandinskyDecoder(_Kandinsky):
         (``downscale_height_and_width``): samples at other sizes would not be the trained size."""
         return vae_factor**2
 
-    def load(self) -> None:
+    def load(self, denoiser_on_host: bool = False) -> None:
         prior = self.options.prior
         if not prior:
             raise DifftuneError(
@@ -297,7 +297,7 @@ class KandinskyDecoder(_Kandinsky):
         for name in ("image_encoder", "image_processor"):
             if not isinstance(index.get(name), list) or index[name][0] is None:
                 raise DifftuneError(f"model.options.prior {prior}: its model_index.json has no {name}")
-        super().load()
+        super().load(denoiser_on_host)
 
     def after_load(self) -> None:
         prior = self.options.prior
@@ -387,7 +387,7 @@ class KandinskyPrior(_Kandinsky):
     generate_hint = ("{path} is a Kandinsky 2.2 prior: it makes image embeddings, not images. Generate with "
                      "--model DECODER --prior {path} (and --prior-lora for a prior LoRA)")
 
-    def load(self) -> None:
+    def load(self, denoiser_on_host: bool = False) -> None:
         import diffusers
 
         cfg = self.cfg
@@ -403,7 +403,7 @@ class KandinskyPrior(_Kandinsky):
             )
         if self.options.decoder:
             _expect_pipeline(self.options.decoder, DECODER_PIPELINE, "model.options.decoder")
-        super().load()
+        super().load(denoiser_on_host)
 
     def after_load(self) -> None:
         # a copy, so that full fine-tuning (which makes these parameters trainable) cannot move the targets
