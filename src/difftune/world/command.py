@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="scale the reference plan (40 min on 2 cores) to about this many minutes")
     p.add_argument("--vae-steps", type=int, default=None, help="VAE steps instead of the scaled plan's")
     p.add_argument("--denoiser-steps", type=int, default=None, help="denoiser steps instead of the scaled plan's")
+    p.add_argument("--refine-steps", type=int, default=None,
+                   help="refining steps (the denoiser trained again at half the learning rate on fresh scenes) "
+                        "instead of the scaled plan's; 0 for none")
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("score", help="what the oracle sees in images, or how well they match a prompt")
@@ -72,7 +75,7 @@ def _pretrain(args) -> int:
     from .pretrain import DEFAULT_MINUTES, pretrain
 
     pretrain(args.family, args.out, minutes=args.minutes or DEFAULT_MINUTES, seed=args.seed,
-             vae_steps=args.vae_steps, denoiser_steps=args.denoiser_steps)
+             vae_steps=args.vae_steps, denoiser_steps=args.denoiser_steps, refine_steps=args.refine_steps)
     return 0
 
 

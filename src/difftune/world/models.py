@@ -189,7 +189,15 @@ def write_card(out: Path, family: str, meta: dict, timings: dict, note: str = ""
     """A model card (README.md) saying what the model is and how it was made."""
     sizes = {str(f.relative_to(out)): f.stat().st_size for f in sorted(out.rglob("*.safetensors"))
              if "work" not in f.relative_to(out).parts}
-    minutes = {k.removesuffix("_seconds"): round(v / 60, 1) for k, v in timings.items()}
+    minutes = {k.replace("_seconds", "").replace("_this_run", " (this run)"): round(v / 60, 1)
+               for k, v in timings.items()}
+    weighting = f", min-SNR loss weighting (gamma {meta['min_snr_gamma']:g})" if meta.get("min_snr_gamma") else ""
+    refine_flag = f" --refine-steps {meta['refine_steps']}" if meta.get("refine_steps") else ""
+    if meta.get("refine_steps"):
+        refine_snr = meta.get("refine_min_snr_gamma")
+        weighting += (f"; then refined: {meta['refine_steps']} more steps of {meta.get('refine_batch', meta['batch'])} "
+                      f"images at lr {meta['refine_lr']:g} on {meta['images']} fresh scenes"
+                      + (f", min-SNR loss weighting (gamma {refine_snr:g})" if refine_snr else ""))
     text = f"""---
 library_name: diffusers
 pipeline_tag: text-to-image
@@ -203,12 +211,12 @@ orange, purple; shapes: circle, square, triangle. It has never seen the held-out
 (zdots, zcheck, zrim), the places (zkrem, zmgu, zcity) or 64 (colour, shape, background) triples;
 those are for fine-tuning and for measuring generalisation (`difftune world bench`).
 
-Made by `difftune world pretrain {family} OUT --vae-steps {meta['vae_steps']} --denoiser-steps {meta['denoiser_steps']}`
+Made by `difftune world pretrain {family} OUT --vae-steps {meta['vae_steps']} --denoiser-steps {meta['denoiser_steps']}{refine_flag}`
 (seed {meta['seed']}), on
 2 CPU cores: a VAE stage ({meta['vae_steps']} steps of {meta['vae_batch']} images: world scenes and
 random textures), then an ordinary difftune full fine-tune of the random-initialised denoiser
 ({meta['denoiser_steps']} steps of {meta['batch']} images, {meta['images']} rendered scenes, 10% caption
-dropout, lr {meta['lr']}, cosine). {CARD_NOTES[family]} Fine-tunes freeze the text encoders; tokenizers: byte-level; CLIP's holds the world's own words (colours, shapes, background, style) as whole tokens, and any new trigger word splits into pieces.
+dropout, lr {meta['lr']}, cosine{weighting}). {CARD_NOTES[family]} Fine-tunes freeze the text encoders; tokenizers: byte-level; CLIP's holds the world's own words (colours, shapes, background, style) as whole tokens, and any new trigger word splits into pieces.
 Wall time in minutes: {json.dumps(minutes)}. Weights stored in float16.
 {note}
 
