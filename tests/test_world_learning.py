@@ -4,9 +4,9 @@ the colours that prompts without the trigger ask for, with the shipped LoRA reci
 drawn by the plain diffusers pipeline at its default guidance, 12 steps (the demo's figures, at 20
 steps, are in BENCHMARKS.md section 5).
 
-No full fine-tune test: at 80-200 steps a full fine-tune's style score moved between 4 and 10 of 12
-images from run to run, too close to the base's 5 to test honestly. world-flux has no such test
-either: its base draws noise that the oracle already reads as dots (BENCHMARKS.md section 5)."""
+No full fine-tune test: on the refined world-sd, 300 steps at lr 1e-3 draw the style on 10 of 18
+images with one training seed and on 3 with the next (BENCHMARKS.md section 5); earlier bases were as
+noisy. world-flux has no such test either: it draws colours near chance (BENCHMARKS.md section 5)."""
 
 from __future__ import annotations
 
