@@ -191,13 +191,13 @@ def write_card(out: Path, family: str, meta: dict, timings: dict, note: str = ""
              if "work" not in f.relative_to(out).parts}
     minutes = {k.replace("_seconds", "").replace("_this_run", " (this run)"): round(v / 60, 1)
                for k, v in timings.items()}
-    weighting = f", min-SNR loss weighting (gamma {meta['min_snr_gamma']:g})" if meta.get("min_snr_gamma") else ""
-    refine_flag = f" --refine-steps {meta['refine_steps']}" if meta.get("refine_steps") else ""
+    refine_flag, weighting = "", ""
     if meta.get("refine_steps"):
-        refine_snr = meta.get("refine_min_snr_gamma")
-        weighting += (f"; then refined: {meta['refine_steps']} more steps of {meta.get('refine_batch', meta['batch'])} "
-                      f"images at lr {meta['refine_lr']:g} on {meta['images']} fresh scenes"
-                      + (f", min-SNR loss weighting (gamma {refine_snr:g})" if refine_snr else ""))
+        refine_flag = f" --refine-steps {meta['refine_steps']}"
+        snr = meta.get("refine_min_snr_gamma")
+        weighting = (f"; then refined: {meta['refine_steps']} more steps of {meta['refine_batch']} images at lr "
+                     f"{meta['refine_lr']:g} on {meta['images']} fresh scenes"
+                     + (f", min-SNR loss weighting (gamma {snr:g})" if snr else ""))
     text = f"""---
 library_name: diffusers
 pipeline_tag: text-to-image

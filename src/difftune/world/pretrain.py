@@ -335,8 +335,7 @@ def pretrain(family: str, out: str | Path, minutes: float = DEFAULT_MINUTES, see
             t = time.time()
             fresh = write_pretraining_data(work / "refine-data", plan["images"], seed + 1)
             stage = {**plan, "denoiser_steps": plan["refine_steps"], "lr": plan["refine_lr"],
-                     "batch": plan.get("refine_batch", plan["batch"]),
-                     "min_snr_gamma": plan.get("refine_min_snr_gamma", plan.get("min_snr_gamma"))}
+                     "batch": plan["refine_batch"], "min_snr_gamma": plan.get("refine_min_snr_gamma")}
             train(config_from_dict(denoiser_config(run, fresh, refined, stage, seed + 1, warmup=50)), log=log)
             timings["refine_seconds"] = timings.get("refine_seconds", 0) + time.time() - t
             (work / "timings.json").write_text(json.dumps(timings))
