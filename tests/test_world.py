@@ -248,8 +248,8 @@ def test_pretrain_runs_every_stage_writes_a_pipeline_and_resumes(tmp_path):
 def test_shipped_world_sd_draws_the_ground_colour_and_shape_asked_for_in_plain_diffusers():
     """The shipped world-sd, loaded by plain diffusers with its own scheduler and default guidance, draws
     16 prompts it never saw in pretraining with the asked background, object colour and shape
-    (BENCHMARKS.md section 5: 100%, 98% and 77% on the 64-prompt, 2-seed benchmark; here 16, 16 and 15
-    of 16; chance for the shape is a third)."""
+    (BENCHMARKS.md section 5: 100%, 96% and 95% on the 64-prompt, 2-seed benchmark; here 16, 14 and 16
+    of 16; chance for the colour is a seventh, for the shape a third)."""
     import torch
     from diffusers import StableDiffusionPipeline
 
@@ -259,8 +259,8 @@ def test_shipped_world_sd_draws_the_ground_colour_and_shape_asked_for_in_plain_d
     images = pipe(prompts, height=64, width=64, num_inference_steps=30,
                   generator=torch.Generator().manual_seed(0)).images
     summary = oracle.summarise([oracle.score(im, p) for im, p in zip(images, prompts)])
-    assert summary["background"] >= 0.875 and summary["colour"] >= 0.875, summary
-    assert summary["shape"] >= 0.75, summary
+    assert summary["background"] >= 0.875 and summary["colour"] >= 0.8, summary
+    assert summary["shape"] >= 0.875, summary
 
 
 def test_world_bench_command_writes_figures_at_a_chosen_guidance(tmp_path):

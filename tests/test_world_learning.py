@@ -57,13 +57,13 @@ def fine_tune(world, name: str) -> dict:
 def check_learned_and_kept(world, result):
     before, after = world["before"], result["after"]
     summary = f"before {before}, after {after}, plain before {world['plain_before']}, plain after {result['plain_after']}"
-    # the style: drawn on at least 5 of 18 images, 3 more than the base drew it (measured on the refined
-    # world-sd: 2 -> 6 of 18; the oracle calls dots only for separate small holes, so the base's hatching
+    # the style: drawn on at least 5 of 18 images, 3 more than the base drew it (measured on the shipped
+    # world-sd: 1 -> 6 of 18; the oracle calls dots only for separate small holes, so the base's hatching
     # scores near 0, and a LoRA that learned nothing stays there)
     n = 6 * len(SEEDS)
     assert after["style"] * n >= 5 - 1e-6 and (after["style"] - before["style"]) * n >= 3 - 1e-6, summary
     # the colours: prompts without the trigger (12 the base never saw, 36 images) lose at most 4 images'
-    # object colour (measured: 36 of 36 before and after) ...
+    # object colour (measured: 35 -> 34 of 36) ...
     assert result["plain_after"]["colour"] >= world["plain_before"]["colour"] - 4 / 36 - 1e-9, summary
     # ... and the styled prompts' objects keep the asked colour at least half the time
     assert after["colour"] >= 0.5 and after["background"] >= 0.9, summary
