@@ -4,9 +4,9 @@ the colours that prompts without the trigger ask for, with the shipped LoRA reci
 drawn by the plain diffusers pipeline at its default guidance, 12 steps (the demo's figures, at 20
 steps, are in BENCHMARKS.md section 5).
 
-No full fine-tune test: on the refined world-sd, 300 steps at lr 1e-3 draw the style on 10 of 18
-images with one training seed and on 3 with the next (BENCHMARKS.md section 5); earlier bases were as
-noisy. world-flux has no such test either: it draws colours near chance (BENCHMARKS.md section 5)."""
+No full fine-tune test: on the shipped world-sd, 300 steps at lr 1e-3 draw the style on 2 of 18
+images with training seeds 0 and 1 (base: 1); on the earlier, 800-step refined base 10 of 18 with one
+seed and 3 with the next (BENCHMARKS.md section 5). world-flux has no such test either: it draws colours near chance (BENCHMARKS.md section 5)."""
 
 from __future__ import annotations
 

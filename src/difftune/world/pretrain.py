@@ -1,6 +1,7 @@
 """`difftune world pretrain {sd,flux} OUT`: small world base models trained from scratch on a CPU.
 
-Four stages (SD; FLUX has no refining stage yet), each resumable (run the same command again after an interruption):
+Four stages (FLUX has no refining stage yet), each resumable (run the same command again after an
+interruption):
 
 1. **skeleton**: a random-initialised pipeline in the diffusers layout (`models.build`), with the
    byte-level tokenizers (`tokenizers`) and frozen random text encoders;
