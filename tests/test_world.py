@@ -167,6 +167,29 @@ def test_world_vocabulary_words_are_whole_clip_tokens_and_triggers_are_not():
         assert len(tokenizer(trigger).input_ids) > 3, trigger
 
 
+def test_world_flux_t5_keeps_each_word_apart_from_the_padding_and_reads_its_neighbours():
+    """FluxPipeline pads every prompt to 512 T5 tokens. A random T5 attends about uniformly, so each
+    word became mostly the padding's average, and world-flux learned to ignore T5. The world's T5 mixes
+    each token with its neighbours only (`models.local_attention`)."""
+    import torch
+
+    pipe = models.build("flux", 0)
+    t5, tokenizer = pipe.text_encoder_2.eval(), pipe.tokenizer_2
+    prompts = ["a red circle on a blue background", "a red square on a blue background"]
+    ids = tokenizer(prompts, padding="max_length", max_length=512, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = t5(ids).last_hidden_state
+    n = int((ids[0] != tokenizer.pad_token_id).sum())
+    cos = torch.nn.functional.cosine_similarity
+    words = cos(out[0, :n, None], out[0, None, :n], dim=-1)[~torch.eye(n, dtype=torch.bool)]
+    assert words.abs().mean() < 0.3  # the prompt's tokens are unlike each other
+    assert cos(out[0, :n], out[0, 300:301], dim=-1).abs().max() < 0.5  # and unlike the padding
+    red = 1  # "red" before "circle" and before "square": the same word, told apart by its neighbour
+    assert tokenizer.convert_ids_to_tokens(int(ids[0, red])) == "\u2581red"
+    assert 0.3 < cos(out[0, red], out[1, red], dim=0) < 0.95
+    assert torch.allclose(out[0, 200], out[0, 300], atol=1e-5)  # far from the words, padding is padding
+
+
 @pytest.mark.parametrize("family", ["sd", "flux"])
 def test_shipped_world_models_are_small_safetensors_with_a_card(family):
     folder = models.shipped(family)
@@ -261,6 +284,37 @@ def test_shipped_world_sd_draws_the_ground_colour_and_shape_asked_for_in_plain_d
     summary = oracle.summarise([oracle.score(im, p) for im, p in zip(images, prompts)])
     assert summary["background"] >= 0.875 and summary["colour"] >= 0.8, summary
     assert summary["shape"] >= 0.875, summary
+
+
+def test_shipped_world_flux_draws_the_ground_and_reads_the_object_colour_from_t5_in_plain_diffusers():
+    """The shipped world-flux, loaded by plain diffusers with its defaults, draws the asked ground on 16
+    prompts it never saw, and the object's colour far more often than chance (a seventh), though still
+    short of the issue's goal (BENCHMARKS.md section 5: background 100%, colour 44.5% on the 64-prompt,
+    2-seed benchmark; here 16 and 8 of 16). And it reads the prompt's T5 tokens: another prompt's T5
+    embeddings change its prediction by 27% (the first world-flux ignored T5: 0.5%, and drew the ground
+    14 of 16 times)."""
+    import torch
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(models.shipped("flux"))
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [f"a {c} {s} on a {b} background" for c, s, b in scenes.unseen_triples()[:16]]
+    images = pipe(prompts, height=64, width=64, num_inference_steps=30,
+                  generator=torch.Generator().manual_seed(0)).images
+    summary = oracle.summarise([oracle.score(im, p) for im, p in zip(images, prompts)])
+    assert summary["background"] >= 15 / 16 and summary["colour"] >= 6 / 16, summary
+
+    with torch.no_grad():
+        embeds, pooled, text_ids = pipe.encode_prompt(prompts[:4], prompt_2=None, max_sequence_length=512)
+        latents = torch.randn(4, 64, 64, generator=torch.Generator().manual_seed(1))
+        image_ids = pipe._prepare_latent_image_ids(4, 8, 8, latents.device, latents.dtype)
+
+        def predict(t5):
+            return pipe.transformer(hidden_states=latents, timestep=torch.full((4,), 0.9), pooled_projections=pooled,
+                                    encoder_hidden_states=t5, txt_ids=text_ids, img_ids=image_ids).sample
+
+        own, other = predict(embeds), predict(embeds.roll(1, 0))
+    assert (own - other).abs().mean() > 0.1 * own.abs().mean()
 
 
 def test_world_bench_command_writes_figures_at_a_chosen_guidance(tmp_path):
