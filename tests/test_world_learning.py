@@ -1,12 +1,13 @@
 """Learning you can see: the shipped world-sd base model, fine-tuned on 12 images of a style it never
 saw (``dotted``, trigger ``zdots``), draws that style on held-out prompts by the oracle, and still draws
-the colours that prompts without the trigger ask for, with the shipped LoRA recipe as it is (100 steps),
+the colours that prompts without the trigger ask for, with the shipped LoRA recipe as it is (100 steps of 8),
 drawn by the plain diffusers pipeline at its default guidance, 12 steps (the demo's figures, at 20
 steps, are in BENCHMARKS.md section 5).
 
 No full fine-tune test: on the shipped world-sd, 300 steps at lr 1e-3 draw the style on 2 of 18
 images with training seeds 0 and 1 (base: 1); on the earlier, 800-step refined base 10 of 18 with one
-seed and 3 with the next (BENCHMARKS.md section 5). world-flux has no such test either: it draws colours near chance (BENCHMARKS.md section 5)."""
+seed and 3 with the next (BENCHMARKS.md section 5). world-flux has no such test either: its style
+LoRA learns nothing the oracle sees (dots 33% -> 25% with the FLUX recipe; BENCHMARKS.md section 5)."""
 
 from __future__ import annotations
 
@@ -57,13 +58,13 @@ def fine_tune(world, name: str) -> dict:
 def check_learned_and_kept(world, result):
     before, after = world["before"], result["after"]
     summary = f"before {before}, after {after}, plain before {world['plain_before']}, plain after {result['plain_after']}"
-    # the style: drawn on at least 5 of 18 images, 3 more than the base drew it (measured on the shipped
-    # world-sd: 1 -> 6 of 18; the oracle calls dots only for separate small holes, so the base's hatching
+    # the style: drawn on at least 7 of 18 images, 5 more than the base drew it (measured on the shipped
+    # world-sd: 1 -> 10 of 18; the oracle calls dots only for separate small holes, so the base's hatching
     # scores near 0, and a LoRA that learned nothing stays there)
     n = 6 * len(SEEDS)
-    assert after["style"] * n >= 5 - 1e-6 and (after["style"] - before["style"]) * n >= 3 - 1e-6, summary
+    assert after["style"] * n >= 7 - 1e-6 and (after["style"] - before["style"]) * n >= 5 - 1e-6, summary
     # the colours: prompts without the trigger (12 the base never saw, 36 images) lose at most 4 images'
-    # object colour (measured: 35 -> 34 of 36) ...
+    # object colour (measured: 35 -> 36 of 36) ...
     assert result["plain_after"]["colour"] >= world["plain_before"]["colour"] - 4 / 36 - 1e-9, summary
     # ... and the styled prompts' objects keep the asked colour at least half the time
     assert after["colour"] >= 0.5 and after["background"] >= 0.9, summary
