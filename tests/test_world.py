@@ -268,20 +268,25 @@ def test_pretrain_runs_every_stage_writes_a_pipeline_and_resumes(tmp_path):
     assert "--denoiser-steps 4 --refine-steps 3" in (longer / "README.md").read_text()
 
 
+def draw_unseen(pipe) -> tuple[list[str], dict]:
+    """A shipped world pipeline, as plain diffusers loaded it, drawing 16 prompts it never saw in
+    pretraining (seed 0, 30 steps, its default guidance): the prompts and the oracle's summary."""
+    from difftune.world.bench import draw
+
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [f"a {c} {s} on a {b} background" for c, s, b in scenes.unseen_triples()[:16]]
+    images = draw(pipe, prompts, seed=0, steps=30)
+    return prompts, oracle.summarise([oracle.score(im, p) for im, p in zip(images, prompts)])
+
+
 def test_shipped_world_sd_draws_the_ground_colour_and_shape_asked_for_in_plain_diffusers():
     """The shipped world-sd, loaded by plain diffusers with its own scheduler and default guidance, draws
     16 prompts it never saw in pretraining with the asked background, object colour and shape
     (BENCHMARKS.md section 5: 100%, 96% and 95% on the 64-prompt, 2-seed benchmark; here 16, 14 and 16
     of 16; chance for the colour is a seventh, for the shape a third)."""
-    import torch
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(models.shipped("sd"))
-    pipe.set_progress_bar_config(disable=True)
-    prompts = [f"a {c} {s} on a {b} background" for c, s, b in scenes.unseen_triples()[:16]]
-    images = pipe(prompts, height=64, width=64, num_inference_steps=30,
-                  generator=torch.Generator().manual_seed(0)).images
-    summary = oracle.summarise([oracle.score(im, p) for im, p in zip(images, prompts)])
+    _, summary = draw_unseen(StableDiffusionPipeline.from_pretrained(models.shipped("sd")))
     assert summary["background"] >= 0.875 and summary["colour"] >= 0.8, summary
     assert summary["shape"] >= 0.875, summary
 
@@ -296,18 +301,16 @@ def test_shipped_world_flux_draws_the_ground_and_reads_the_object_colour_from_t5
     import torch
     from diffusers import FluxPipeline
 
+    from difftune.families.flux.family import image_ids as packed_ids
+
     pipe = FluxPipeline.from_pretrained(models.shipped("flux"))
-    pipe.set_progress_bar_config(disable=True)
-    prompts = [f"a {c} {s} on a {b} background" for c, s, b in scenes.unseen_triples()[:16]]
-    images = pipe(prompts, height=64, width=64, num_inference_steps=30,
-                  generator=torch.Generator().manual_seed(0)).images
-    summary = oracle.summarise([oracle.score(im, p) for im, p in zip(images, prompts)])
+    prompts, summary = draw_unseen(pipe)
     assert summary["background"] >= 15 / 16 and summary["colour"] >= 6 / 16, summary
 
     with torch.no_grad():
         embeds, pooled, text_ids = pipe.encode_prompt(prompts[:4], prompt_2=None, max_sequence_length=512)
-        latents = torch.randn(4, 64, 64, generator=torch.Generator().manual_seed(1))
-        image_ids = pipe._prepare_latent_image_ids(4, 8, 8, latents.device, latents.dtype)
+        latents = torch.randn(4, 64, 64, generator=torch.Generator().manual_seed(1))  # 16x16 latents, packed
+        image_ids = packed_ids(16, 16, latents.device, latents.dtype)
 
         def predict(t5):
             return pipe.transformer(hidden_states=latents, timestep=torch.full((4,), 0.9), pooled_projections=pooled,

@@ -5,8 +5,8 @@ Sizes are set by what trains in well under an hour on two *shared* CPU cores: SD
 0.95M parameters (4x down, 4 latent channels: 16x16x4 latents), a 1.5M-parameter UNet and a 2-layer
 CLIP text encoder; FLUX a VAE with 4x down and 16 latent channels (16x16x16 latents, 8x8 = 64 packed
 tokens), a transformer of 1 double- and 2 single-stream blocks (4 heads of 32: hidden 128), CLIP and a
-2-layer T5 encoder whose attention is made local (`local_attention`). FLUX pays for its 512 T5 tokens (FluxPipeline's default ``max_sequence_length``), which it
-must see in training too. Text encoders
+2-layer T5 encoder whose attention is made local (`local_attention`). FLUX pays for its 512 T5 tokens
+(FluxPipeline's default ``max_sequence_length``), which it must see in training too. Text encoders
 (FLUX: CLIP; its T5 stays random and frozen) are trained with the denoiser in pretraining and frozen in fine-tunes: the
 tokenizers are byte-level (CLIP byte-level BPE; T5 SentencePiece with every printable ASCII character
 as a piece), so any trigger word a user invents has an encoding.
@@ -194,6 +194,7 @@ def local_attention(t5) -> None:
     cfg = t5.config
     attention = t5.encoder.block[0].layer[0].SelfAttention
     offsets = torch.arange(-cfg.relative_attention_max_distance, cfg.relative_attention_max_distance + 1)
+    # the offset -> bucket mapping T5 itself uses (a static method of transformers' T5Attention)
     buckets = attention._relative_position_bucket(offsets, bidirectional=True, num_buckets=cfg.relative_attention_num_buckets,
                                                   max_distance=cfg.relative_attention_max_distance)
     table = torch.full((cfg.relative_attention_num_buckets, cfg.num_heads), -30.0)
