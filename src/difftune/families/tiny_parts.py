@@ -176,8 +176,11 @@ def clip_tokenizer(extra: str = ""):
 
 
 @functools.lru_cache(maxsize=4)
-def _t5_sentencepiece_model(extra: str = "") -> bytes:
+def _t5_sentencepiece_model(extra: str = "", whole_words: tuple[str, ...] = ()) -> bytes:
     """Train the tiny T5 SentencePiece unigram model on `_CORPUS` plus `extra`; returns the serialized ``spiece.model``.
+
+    `whole_words` become user-defined pieces, never split (a frequent word in the corpus alone may
+    still be cut into pieces by the unigram model, as "ci rc le").
 
     Ids follow T5: ``<pad>``=0, ``</s>``=1, ``<unk>``=2, no bos. All printable ASCII characters are kept as
     pieces, so only non-ASCII characters map to ``<unk>``. No text normalisation (identity rule), which
@@ -198,18 +201,19 @@ def _t5_sentencepiece_model(extra: str = "") -> bytes:
         bos_id=-1,
         required_chars=string.printable.strip(),
         normalization_rule_name="identity",
+        user_defined_symbols=list(whole_words),
         num_threads=1,
         minloglevel=2,
     )
     return model.getvalue()
 
 
-def write_spiece_model(directory: Path, extra: str = "") -> None:
+def write_spiece_model(directory: Path, extra: str = "", whole_words: tuple[str, ...] = ()) -> None:
     """Write the SentencePiece model as ``spiece.model`` (T5's own file format) into `directory`."""
-    (directory / "spiece.model").write_bytes(_t5_sentencepiece_model(extra))
+    (directory / "spiece.model").write_bytes(_t5_sentencepiece_model(extra, tuple(whole_words)))
 
 
-def t5_tokenizer(extra: str = ""):
+def t5_tokenizer(extra: str = "", whole_words: tuple[str, ...] = ()):
     """The tiny offline T5 tokenizer (a ``transformers.T5TokenizerFast``), as FLUX's ``tokenizer_2``.
 
     A SentencePiece unigram vocabulary of a few hundred pieces: ``<pad>``=0, ``</s>``=1 (appended to every
@@ -220,7 +224,7 @@ def t5_tokenizer(extra: str = ""):
 
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
-        write_spiece_model(directory, extra)
+        write_spiece_model(directory, extra, whole_words)
         config = {"tokenizer_class": "T5Tokenizer", "model_max_length": T5_MAX_LENGTH, "extra_ids": 0}
         (directory / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
         return T5TokenizerFast.from_pretrained(directory)

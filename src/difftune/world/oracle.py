@@ -229,7 +229,7 @@ def _place(lab: np.ndarray, bg: int, silhouette: np.ndarray) -> tuple[Optional[s
         ref[y0:y1, x0:x1] = crop[rows][:, cols]  # the drawing stretched onto the object's box
         iou = ((ref >= 0) & silhouette).sum() / max(1, ((ref >= 0) | silhouette).sum())
         own = np.isin(lab, colours) & silhouette
-        if own.sum() < 0.5 * silhouette.sum():  # mostly other colours: not this place
+        if not silhouette.any() or own.sum() < 0.5 * silhouette.sum():  # nothing, or mostly other colours
             continue
         shown = sum(((lab == c) & silhouette).sum() / silhouette.sum() >= 0.5 * (ref == c).sum() / (ref >= 0).sum()
                     for c in colours)
