@@ -211,6 +211,33 @@ def test_output_preservation_target_is_the_base_prediction(tmp_path, tiny_sd):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in family.parts["unet"].named_parameters() if "lora" in n)
 
 
+def test_output_preservation_of_a_full_fine_tune_keeps_the_starting_denoiser_aside(tmp_path, tiny_sd):
+    """A full fine-tune has no adapter to switch off: the term keeps a frozen copy of the starting
+    denoiser, whose prediction stays the target however the trained weights move."""
+    from difftune.objectives.preserve import make_terms
+
+    cfg, family = lora_family(tiny_sd, tmp_path, **{"method.kind": "full", "preserve.output_weight": 1.0,
+                                                     "preserve.prompts": "['a red circle on a blue background']"})
+    validate(cfg)
+    (term,) = make_terms(cfg, family, family.encode_prompts)
+    x_t = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([10, 500])
+    cond = term.conditioning({}, 2, seed=3)
+    with torch.no_grad():
+        start = family.predict(x_t, t, cond)
+        for p in family.parts["unet"].parameters():
+            p.add_(0.05 * torch.randn_like(p))  # the fine-tune moves every weight
+        moved = family.predict(x_t, t, cond)
+    assert (moved - start).abs().max() > 1e-3
+    torch.testing.assert_close(term.target(x_t, t, cond), start)
+    assert family.parts["unet"] is not term.base  # the family predicts with the trained weights again
+    value = term(x_t, t, {}, seed=3)
+    assert float(value.detach()) == pytest.approx(float(((moved - start) ** 2).mean()), rel=1e-5)
+    value.backward()
+    assert all(p.grad is None for p in term.base.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in family.parts["unet"].parameters())
+
+
 def test_continual_penalty_protects_what_the_earlier_lora_uses(tmp_path, tiny_sd):
     from difftune.methods.lora import lora_deltas
     from difftune.objectives.preserve import ContinualPenalty
@@ -240,6 +267,8 @@ def test_remedy_options_validate(tmp_path, tiny_sd):
     data = world_folder(tmp_path / "d")
     for extra, message in (
         ({"preserve.output_weight": 1.0}, "needs preserve.prompts"),
+        ({"preserve.output_weight": 1.0, "preserve.prompts": "['']", "method.train_text_encoder": True},
+         "needs method.train_text_encoder: false"),
         ({"preserve.clora_weight": 1.0}, "needs method.init_lora"),
         ({"data.replay_ratio": 1.0}, "replay_ratio must be in"),
         ({"data.replay": "['x']", "data.buckets": True}, "data.replay needs data.buckets: false"),

@@ -235,6 +235,23 @@ def test_world_render_writes_a_captioned_style_folder(tmp_path):
     assert {oracle.analyse(p)["style"] for p in (tmp_path / "d").glob("*.png")} == {"outline"}
 
 
+def test_refining_stages_weight_the_steps_where_the_layout_is_decided(tmp_path):
+    """SD's refining stage weights the loss by min-SNR, FLUX's draws its timesteps logit-normal (more
+    weight on the middle of the schedule); the denoiser stage before them does neither."""
+    from difftune.config import config_from_dict
+    from difftune.world.pretrain import PLANS, denoiser_config, refine_stage
+
+    def objective(plan):
+        return config_from_dict(denoiser_config(tmp_path, tmp_path, tmp_path / "run", plan, 0)).objective
+
+    for family in ("sd", "flux"):
+        first = objective(PLANS[family])
+        assert first.min_snr_gamma is None and first.timestep_sampling == "uniform"
+    assert objective(refine_stage(PLANS["sd"])).min_snr_gamma == 5.0
+    flux = objective(refine_stage(PLANS["flux"]))
+    assert flux.timestep_sampling == "logit_normal" and flux.min_snr_gamma is None
+
+
 def test_pretrain_runs_every_stage_writes_a_pipeline_and_resumes(tmp_path):
     from diffusers import StableDiffusionPipeline
 

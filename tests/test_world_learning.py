@@ -1,13 +1,12 @@
 """Learning you can see: the shipped world-sd base model, fine-tuned on 12 images of a style it never
 saw (``dotted``, trigger ``zdots``), draws that style on held-out prompts by the oracle, and still draws
-the colours that prompts without the trigger ask for, with the shipped LoRA recipe as it is (100 steps of 8),
-drawn by the plain diffusers pipeline at its default guidance, 12 steps (the demo's figures, at 20
-steps, are in BENCHMARKS.md section 5).
+the colours that prompts without the trigger ask for: with the shipped LoRA recipe as it is (100 steps
+of 8), and with the full fine-tune recipe (the whole UNet, the same data and output preservation, lr
+3e-4, 300 steps); drawn by the plain diffusers pipeline at its default guidance, 12 steps (the demo's figures,
+at 20 steps, are in BENCHMARKS.md section 5).
 
-No full fine-tune test: on the shipped world-sd, 300 steps at lr 1e-3 draw the style on 2 of 18
-images with training seeds 0 and 1 (base: 1); on the earlier, 800-step refined base 10 of 18 with one
-seed and 3 with the next (BENCHMARKS.md section 5). world-flux has no such test either: its style
-LoRA learns nothing the oracle sees (dots 33% -> 25% with the FLUX recipe; BENCHMARKS.md section 5)."""
+world-flux has no such test: with the trigger it leaves the object out of most held-out prompts, and
+its style LoRA changes little the oracle sees (BENCHMARKS.md section 5)."""
 
 from __future__ import annotations
 
@@ -44,25 +43,30 @@ def world(tmp_path_factory):
             "before": figures(base, styled), "plain_before": figures(base, plain)}
 
 
-def fine_tune(world, name: str) -> dict:
-    config = yaml.safe_load(demo.recipe_text("world-sd-style-lora.yaml"))
-    config.update(model={"path": str(world["model"])}, output_dir=str(world["root"] / name),
+def fine_tune(world, recipe: str) -> dict:
+    """Train a shipped SD style recipe as it is (its folder and base model pointed at the test's) and
+    draw the held-out prompts with what it made."""
+    config = yaml.safe_load(demo.recipe_text(recipe))
+    config.update(model={"path": str(world["model"])}, output_dir=str(world["root"] / recipe),
                   checkpoint={"every": 0})
     config["data"]["concepts"][0]["dir"] = str(world["root"] / "data")
     out = train(config_from_dict(config), log=lambda *a: None)
-    pipe = load_pipeline(str(world["model"]))
-    pipe.load_lora_weights(str(out))
+    if config["method"]["kind"] == "full":  # a full fine-tune writes a whole pipeline
+        pipe = load_pipeline(str(out))
+    else:
+        pipe = load_pipeline(str(world["model"]))
+        pipe.load_lora_weights(str(out))
     return {"after": figures(pipe, world["styled"]), "plain_after": figures(pipe, world["plain"])}
 
 
-def check_learned_and_kept(world, result):
+def check_learned_and_kept(world, result, least: int = 7, gain: int = 5):
     before, after = world["before"], result["after"]
     summary = f"before {before}, after {after}, plain before {world['plain_before']}, plain after {result['plain_after']}"
-    # the style: drawn on at least 7 of 18 images, 5 more than the base drew it (measured on the shipped
-    # world-sd: 1 -> 10 of 18; the oracle calls dots only for separate small holes, so the base's hatching
-    # scores near 0, and a LoRA that learned nothing stays there)
+    # the style: drawn on at least `least` of 18 images, `gain` more than the base drew it (the base: 1 of
+    # 18; the oracle calls dots only for separate small holes, so the base's hatching scores near 0, and
+    # a fine-tune that learned nothing stays there)
     n = 6 * len(SEEDS)
-    assert after["style"] * n >= 7 - 1e-6 and (after["style"] - before["style"]) * n >= 5 - 1e-6, summary
+    assert after["style"] * n >= least - 1e-6 and (after["style"] - before["style"]) * n >= gain - 1e-6, summary
     # the colours: prompts without the trigger (12 the base never saw, 36 images) lose at most 4 images'
     # object colour (measured: 35 -> 36 of 36) ...
     assert result["plain_after"]["colour"] >= world["plain_before"]["colour"] - 4 / 36 - 1e-9, summary
@@ -71,5 +75,14 @@ def check_learned_and_kept(world, result):
 
 
 def test_lora_recipe_learns_a_style_it_never_saw_and_keeps_colours(world):
-    result = fine_tune(world, "lora")  # configs/world-sd-style-lora.yaml as shipped
-    check_learned_and_kept(world, result)
+    result = fine_tune(world, "world-sd-style-lora.yaml")
+    check_learned_and_kept(world, result)  # measured: 1 -> 10 of 18
+
+
+def test_full_fine_tune_recipe_learns_the_style_and_keeps_colours(world):
+    """configs/world-sd-style-full.yaml: the whole UNet trained, with the LoRA recipe's data and its
+    output preservation on the empty prompt (for a full fine-tune, a frozen copy of the starting UNet
+    gives the base prediction), at a lower learning rate for more steps."""
+    result = fine_tune(world, "world-sd-style-full.yaml")
+    # measured: 1 -> 7 of 18 (with training seed 1: 1 -> 6), styled colours 14 of 18, trigger-free 35 -> 36 of 36
+    check_learned_and_kept(world, result, least=5, gain=4)

@@ -336,7 +336,8 @@ class PreserveConfig:
 
     output_weight: float = _f(
         0.0, "Output preservation: for `prompts` (no trigger), pull the adapted model's prediction toward the base "
-        "model's (adapter disabled) on the same noisy inputs, at this weight. LoRA only; no extra images."
+        "model's on the same noisy inputs, at this weight; no extra images. LoRA: the base is the adapter disabled; "
+        "full fine-tune: a frozen copy of the starting denoiser (its memory once more)."
     )
     prompts: list[str] = _f(factory=list, doc="Output preservation: trigger-free prompts, cycled through the batch.")
     clora_weight: float = _f(
@@ -376,7 +377,8 @@ def _type_name(tp: Any) -> str:
     if origin is Literal:
         return " / ".join(repr(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+        # sorted: equal unions are cached objects, so their member order depends on what was imported first
+        return " or ".join(sorted(_type_name(a) for a in typing.get_args(tp) if a is not type(None)))
     if origin is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
     if tp is dict:
@@ -744,9 +746,9 @@ def validate(cfg: Config, *, resolution_multiple: int | None = None, check_paths
     if p.output_weight > 0:
         if not p.prompts:
             problems.append("preserve.output_weight needs preserve.prompts (trigger-free prompts to keep)")
-        if not get_method_class(m.kind).adapter or m.train_text_encoder:
-            problems.append("preserve.output_weight needs an adapter method (method.kind: lora) without "
-                            "train_text_encoder (the base prediction is the denoiser with its adapter disabled)")
+        if m.train_text_encoder:
+            problems.append("preserve.output_weight needs method.train_text_encoder: false (the base prediction "
+                            "is the starting denoiser's, on the same prompt embeddings)")
     if p.clora_weight > 0 and not m.init_lora:
         problems.append("preserve.clora_weight needs method.init_lora (the LoRA whose use it protects)")
     if problems:

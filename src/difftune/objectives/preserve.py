@@ -5,8 +5,9 @@ the denoising loss of every micro-batch (``x_t``, ``t`` and ``features`` are the
 the micro-batch's). `make_terms(cfg, family, prompt_features)` builds the ones the config asks for:
 
 - `OutputPreservation` (``preserve.output_weight``): for trigger-free prompts, the adapted model's
-  prediction on the batch's noisy inputs is pulled toward the base model's, i.e. the same denoiser
-  with its LoRA disabled. No extra images, no second model in memory.
+  prediction on the batch's noisy inputs is pulled toward the base model's: for an adapter, the same
+  denoiser with its LoRA disabled (no extra images, no second model in memory); for a full fine-tune,
+  a frozen copy of the starting denoiser (its memory once more, no extra images).
 - `ContinualPenalty` (``preserve.clora_weight``, with ``method.init_lora``): in the spirit of C-LoRA
   (Smith et al. 2023, "Continual Diffusion"), which penalises a new task's LoRA product where the
   earlier tasks' LoRA products are large: here the continued adapter's change of weight delta,
@@ -21,8 +22,16 @@ from typing import Any, Callable
 
 
 class OutputPreservation:
-    def __init__(self, family: Any, prompts: list[str], weight: float, prompt_features: Callable[[list[str]], dict]):
+    def __init__(self, family: Any, prompts: list[str], weight: float, prompt_features: Callable[[list[str]], dict],
+                 adapter: bool = True):
         self.family, self.prompts, self.weight, self.prompt_features = family, list(prompts), weight, prompt_features
+        self.base = None
+        if not adapter:  # a full fine-tune changes the weights themselves: keep the starting ones aside
+            import copy
+
+            from ..families.base import unwrap
+
+            self.base = copy.deepcopy(unwrap(family.parts[family.denoiser])).requires_grad_(False).eval()
 
     def conditioning(self, features: dict, n: int, seed: int) -> dict:
         """The batch's features with its prompts replaced by `n` preservation prompts (chosen by `seed`)."""
@@ -32,13 +41,30 @@ class OutputPreservation:
         swapped.update(self.prompt_features(prompts))
         return swapped
 
-    def target(self, x_t, t, conditioning: dict):
-        """The base model's prediction: the denoiser with its adapter disabled, no gradient."""
-        import torch
+    def base_model(self):
+        """A context in which the family predicts as the base model."""
+        import contextlib
 
         from ..methods.lora import adapters_disabled
 
-        with torch.no_grad(), adapters_disabled(self.family.parts[self.family.denoiser]):
+        if self.base is None:
+            return adapters_disabled(self.family.parts[self.family.denoiser])
+
+        @contextlib.contextmanager
+        def frozen_copy(parts=self.family.parts, name=self.family.denoiser):
+            trained, parts[name] = parts[name], self.base
+            try:
+                yield
+            finally:
+                parts[name] = trained
+
+        return frozen_copy()
+
+    def target(self, x_t, t, conditioning: dict):
+        """The base model's prediction (the adapter disabled, or the frozen copy), no gradient."""
+        import torch
+
+        with torch.no_grad(), self.base_model():
             return self.family.predict(x_t, t, conditioning).float()
 
     def __call__(self, x_t, t, features: dict, seed: int):
@@ -76,7 +102,10 @@ def make_terms(cfg: Any, family: Any, prompt_features: Callable[[list[str]], dic
     p = cfg.preserve
     terms: list[Callable] = []
     if p.output_weight > 0:
-        terms.append(OutputPreservation(family, p.prompts, p.output_weight, prompt_features))
+        from ..methods import get_method_class
+
+        adapter = get_method_class(cfg.method.kind).adapter
+        terms.append(OutputPreservation(family, p.prompts, p.output_weight, prompt_features, adapter))
     if p.clora_weight > 0:
         terms.append(ContinualPenalty(family.parts[family.denoiser], p.clora_weight))
     return terms

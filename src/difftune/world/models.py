@@ -74,7 +74,7 @@ def vocabulary_text() -> str:
 WORDS = (*scenes.COLOURS, *scenes.SHAPES, *scenes.HELD_IN_STYLES, "on", "background", "in", "style")
 #: words the world T5's SentencePiece keeps whole (user-defined pieces): corpus frequency alone left
 #: "circle", "square" and "background" in pieces, and each piece's vector then carried little of the word.
-#: With them whole, world-flux's object colour rose from 44.5% to 64% (BENCHMARKS.md section 5).
+#: With them whole, world-flux's object colour rose from 44.5% to 63.3% (BENCHMARKS.md section 5).
 T5_WHOLE_WORDS = (*scenes.COLOURS, *scenes.SHAPES, *scenes.HELD_IN_STYLES, "background", "style")
 
 
@@ -243,7 +243,9 @@ def write_card(out: Path, family: str, meta: dict, timings: dict, note: str = ""
         snr = meta.get("refine_min_snr_gamma")
         weighting = (f"; then refined: {meta['refine_steps']} more steps of {meta['refine_batch']} images at lr "
                      f"{meta['refine_lr']:g} on {meta['images']} fresh scenes"
-                     + (f", min-SNR loss weighting (gamma {snr:g})" if snr else ""))
+                     + (f", min-SNR loss weighting (gamma {snr:g})" if snr else "")
+                     + (f", timesteps drawn {meta['refine_timesteps'].replace('_', '-')}"
+                        if meta.get("refine_timesteps") else ""))
     text = f"""---
 library_name: diffusers
 pipeline_tag: text-to-image

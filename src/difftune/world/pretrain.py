@@ -50,7 +50,8 @@ PLANS = {
     # tried to fit the 45-minute budget: shape 56% after refining, so the plan keeps batch 16.
     "sd": {"vae_steps": 2000, "vae_batch": 16, "denoiser_steps": 3000, "batch": 16, "lr": 1e-3, "images": 4000,
            "refine_steps": 1600, "refine_lr": 5e-4, "refine_batch": 32, "refine_min_snr_gamma": 5.0},
-    "flux": {"vae_steps": 1500, "vae_batch": 16, "denoiser_steps": 2000, "batch": 16, "lr": 1e-3, "images": 4000},
+    "flux": {"vae_steps": 1500, "vae_batch": 16, "denoiser_steps": 2000, "batch": 16, "lr": 1e-3, "images": 4000,
+             "refine_steps": 0, "refine_lr": 5e-4, "refine_batch": 32, "refine_timesteps": "logit_normal"},
 }
 #: the VAE (convolutional) learns on random crops of this side: 4x cheaper than whole images
 VAE_CROP = 32
@@ -203,8 +204,25 @@ def denoiser_config(skeleton: Path, data: Path, run: Path, plan: dict, seed: int
                   "seed": seed, "precision": "no", "weight_decay": 0.0, "log_every": 50},
         "checkpoint": {"every": 250, "keep": 1},
         "output_dir": str(run),
-        **({"objective": {"min_snr_gamma": plan["min_snr_gamma"]}} if plan.get("min_snr_gamma") else {}),
+        **({"objective": objective} if (objective := stage_objective(plan)) else {}),
     }
+
+
+def refine_stage(plan: dict) -> dict:
+    """The refining stage's plan: the denoiser stage's, with the ``refine_*`` settings in its place."""
+    return {**plan, "denoiser_steps": plan["refine_steps"], "lr": plan["refine_lr"], "batch": plan["refine_batch"],
+            "min_snr_gamma": plan.get("refine_min_snr_gamma"), "timesteps": plan.get("refine_timesteps")}
+
+
+def stage_objective(plan: dict) -> dict:
+    """The objective settings a stage changes: min-SNR loss weighting (SD's refining stage), or how
+    timesteps are drawn (FLUX's: logit-normal, more weight on the middle of the schedule)."""
+    objective = {}
+    if plan.get("min_snr_gamma"):
+        objective["min_snr_gamma"] = plan["min_snr_gamma"]
+    if plan.get("timesteps"):
+        objective["timestep_sampling"] = plan["timesteps"]
+    return objective
 
 
 # ------------------------------------------------------------------------------------------------
@@ -338,8 +356,7 @@ def pretrain(family: str, out: str | Path, minutes: float = DEFAULT_MINUTES, see
         if not (work / "refine-done").is_file():
             t = time.time()
             fresh = write_pretraining_data(work / "refine-data", plan["images"], seed + 1)
-            stage = {**plan, "denoiser_steps": plan["refine_steps"], "lr": plan["refine_lr"],
-                     "batch": plan["refine_batch"], "min_snr_gamma": plan.get("refine_min_snr_gamma")}
+            stage = refine_stage(plan)
             train(config_from_dict(denoiser_config(run, fresh, refined, stage, seed + 1, warmup=50)), log=log)
             timings["refine_seconds"] = timings.get("refine_seconds", 0) + time.time() - t
             (work / "timings.json").write_text(json.dumps(timings))
