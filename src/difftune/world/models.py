@@ -62,20 +62,20 @@ def write_shipped(family: str, out: str | Path) -> Path:
     return out
 
 
-def vocabulary_text() -> str:
-    """Tokenizer corpus text that makes the world's own words whole tokens, as a real CLIP's vocabulary
-    holds "circle" and "background". Without it the generic tiny vocabulary split the shape words into
-    letters ("c i r c le") while colours were whole tokens, and the base models drew colours but blobs.
-    Trigger words of held-out concepts stay out: like a user's new word, they split into pieces."""
-    return (" ".join(WORDS) + "\n") * 64
-
-
 #: the world's own words (held-out triggers stay out)
 WORDS = (*scenes.COLOURS, *scenes.SHAPES, *scenes.HELD_IN_STYLES, "on", "background", "in", "style")
 #: words the world T5's SentencePiece keeps whole (user-defined pieces): corpus frequency alone left
 #: "circle", "square" and "background" in pieces, and each piece's vector then carried little of the word.
 #: With them whole, world-flux's object colour rose from 44.5% to 63.3% (BENCHMARKS.md section 5).
 T5_WHOLE_WORDS = (*scenes.COLOURS, *scenes.SHAPES, *scenes.HELD_IN_STYLES, "background", "style")
+
+
+def vocabulary_text() -> str:
+    """Tokenizer corpus text that makes the world's own words whole tokens, as a real CLIP's vocabulary
+    holds "circle" and "background". Without it the generic tiny vocabulary split the shape words into
+    letters ("c i r c le") while colours were whole tokens, and the base models drew colours but blobs.
+    Trigger words of held-out concepts stay out: like a user's new word, they split into pieces."""
+    return (" ".join(WORDS) + "\n") * 64
 
 
 def _clip_config(tokenizer, hidden: int = 64):

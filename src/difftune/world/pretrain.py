@@ -50,6 +50,8 @@ PLANS = {
     # tried to fit the 45-minute budget: shape 56% after refining, so the plan keeps batch 16.
     "sd": {"vae_steps": 2000, "vae_batch": 16, "denoiser_steps": 3000, "batch": 16, "lr": 1e-3, "images": 4000,
            "refine_steps": 1600, "refine_lr": 5e-4, "refine_batch": 32, "refine_min_snr_gamma": 5.0},
+    # flux: no refining stage by default; `--refine-steps 800` (logit-normal timesteps) was measured on the
+    # shipped model: colour 63% -> 66%, shape 40% -> 34%, for 19 more minutes (BENCHMARKS.md section 5)
     "flux": {"vae_steps": 1500, "vae_batch": 16, "denoiser_steps": 2000, "batch": 16, "lr": 1e-3, "images": 4000,
              "refine_steps": 0, "refine_lr": 5e-4, "refine_batch": 32, "refine_timesteps": "logit_normal"},
 }
