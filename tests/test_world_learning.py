@@ -51,7 +51,7 @@ def fine_tune(world, recipe: str) -> dict:
                   checkpoint={"every": 0})
     config["data"]["concepts"][0]["dir"] = str(world["root"] / "data")
     out = train(config_from_dict(config), log=lambda *a: None)
-    if config["method"]["kind"] == "full":  # a full fine-tune writes a whole pipeline
+    if (out / "model_index.json").is_file():  # a full fine-tune writes a whole pipeline
         pipe = load_pipeline(str(out))
     else:
         pipe = load_pipeline(str(world["model"]))

@@ -17,6 +17,7 @@ the micro-batch's). `make_terms(cfg, family, prompt_features)` builds the ones t
 
 from __future__ import annotations
 
+import contextlib
 import random
 from typing import Any, Callable
 
@@ -41,24 +42,21 @@ class OutputPreservation:
         swapped.update(self.prompt_features(prompts))
         return swapped
 
+    @contextlib.contextmanager
     def base_model(self):
         """A context in which the family predicts as the base model."""
-        import contextlib
-
         from ..methods.lora import adapters_disabled
 
         if self.base is None:
-            return adapters_disabled(self.family.parts[self.family.denoiser])
-
-        @contextlib.contextmanager
-        def frozen_copy(parts=self.family.parts, name=self.family.denoiser):
-            trained, parts[name] = parts[name], self.base
-            try:
+            with adapters_disabled(self.family.parts[self.family.denoiser]):
                 yield
-            finally:
-                parts[name] = trained
-
-        return frozen_copy()
+            return
+        parts, name = self.family.parts, self.family.denoiser
+        trained, parts[name] = parts[name], self.base
+        try:
+            yield
+        finally:
+            parts[name] = trained
 
     def target(self, x_t, t, conditioning: dict):
         """The base model's prediction (the adapter disabled, or the frozen copy), no gradient."""
