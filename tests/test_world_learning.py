@@ -5,8 +5,10 @@ of 8), and with the full fine-tune recipe (the whole UNet, the same data and out
 3e-4, 300 steps); drawn by the plain diffusers pipeline at its default guidance, 12 steps (the demo's figures,
 at 20 steps, are in BENCHMARKS.md section 5).
 
-world-flux has no such test: with the trigger it leaves the object out of most held-out prompts, and
-its style LoRA changes little the oracle sees (BENCHMARKS.md section 5)."""
+world-flux cannot learn a style yet (with any style caption it leaves the object out of most
+prompts; BENCHMARKS.md section 5), but it learns a place it never saw: configs/world-flux-place-lora.yaml
+on 12 images of the Kremlin stand-in (``zkrem``), by the oracle. It does not keep the trigger-free
+prompts' colours (measured 61% -> 33%); the test bounds only a collapse."""
 
 from __future__ import annotations
 
@@ -86,3 +88,42 @@ def test_full_fine_tune_recipe_learns_the_style_and_keeps_colours(world):
     result = fine_tune(world, "world-sd-style-full.yaml")
     # measured: 1 -> 7 of 18 (with training seed 1: 1 -> 6), styled colours 14 of 18, trigger-free 35 -> 36 of 36
     check_learned_and_kept(world, result, least=5, gain=4)
+
+
+@pytest.fixture(scope="module")
+def flux_world(tmp_path_factory):
+    """The shipped world-flux as a folder, 12 images of the kremlin place, its prompts on every ground it
+    can stand on, trigger-free prompts the base never saw, and what the base draws for them."""
+    import random
+
+    root = tmp_path_factory.mktemp("learn-flux")
+    model = models.write_shipped("flux", root / "world-flux")
+    rng = random.Random(1)
+    scenes.write_dataset(root / "data", [scenes.random_place(rng, "kremlin") for _ in range(12)])
+    grounds = [c for c in scenes.COLOURS if c not in scenes.PLACE_COLOURS["kremlin"]]
+    placed = [f"a {scenes.PLACES['kremlin']} on a {g} background" for g in grounds]
+    plain = [f"a {c} {s} on a {b} background" for c, s, b in scenes.unseen_triples()[:12]]
+    base = load_pipeline(str(model))
+    return {"root": root, "model": model, "placed": placed, "plain": plain,
+            "before": figures(base, placed), "plain_before": figures(base, plain)}
+
+
+def test_flux_lora_recipe_learns_a_place_it_never_saw(flux_world):
+    w = flux_world
+    config = yaml.safe_load(demo.recipe_text("world-flux-place-lora.yaml"))
+    config.update(model={"path": str(w["model"])}, output_dir=str(w["root"] / "run"), checkpoint={"every": 0})
+    config["data"]["concepts"][0]["dir"] = str(w["root"] / "data")
+    out = train(config_from_dict(config), log=lambda *a: None)
+    pipe = load_pipeline(str(w["model"]))
+    pipe.load_lora_weights(str(out))
+    after, plain_after = figures(pipe, w["placed"]), figures(pipe, w["plain"])
+    summary = f"before {w['before']}, after {after}, plain before {w['plain_before']}, plain after {plain_after}"
+    n = len(w["placed"]) * len(SEEDS)
+    # the place: the base never draws it (the oracle needs its outline and at least two of its colours
+    # in their proportions); after, at least 3 of 15 images (measured: 0 -> 5 of 15)
+    assert w["before"]["place"] == 0 and after["place"] * n >= 3 - 1e-6, summary
+    assert after["background"] >= 0.9, summary
+    # Not kept, and not claimed: the trigger-free prompts' object colour drifts (measured: 22 -> 12 of
+    # 36; BENCHMARKS.md section 5 has every setting tried). This only catches a collapse of the base:
+    # still at least twice chance (1 in 8 colours).
+    assert plain_after["colour"] >= 2 / 8 - 1e-9, summary
