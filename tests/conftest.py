@@ -19,6 +19,13 @@ def pytest_configure(config):
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    config.addinivalue_line("markers", "long: a test of a minute or more, started first (see below)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Start the long tests first. `make test` runs two workers that split the suite and steal from each
+    other; a 6-minute test collected last would otherwise run alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
 
 
 @pytest.fixture(scope="session")

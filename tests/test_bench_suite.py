@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 FAKE_PEER = '''
 import argparse, json, os, sys
 from pathlib import Path
@@ -61,6 +63,7 @@ def write_fake_peers(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.long
 def test_tiny_gpu_suite_produces_every_row(tmp_path):
     from difftune.bench.suite import gpu_cases
 

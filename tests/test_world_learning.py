@@ -76,11 +76,13 @@ def check_learned_and_kept(world, result, least: int = 7, gain: int = 5):
     assert after["colour"] >= 0.5 and after["background"] >= 0.9, summary
 
 
+@pytest.mark.long
 def test_lora_recipe_learns_a_style_it_never_saw_and_keeps_colours(world):
     result = fine_tune(world, "world-sd-style-lora.yaml")
     check_learned_and_kept(world, result)  # measured: 1 -> 10 of 18
 
 
+@pytest.mark.long
 def test_full_fine_tune_recipe_learns_the_style_and_keeps_colours(world):
     """configs/world-sd-style-full.yaml: the whole UNet trained, with the LoRA recipe's data and its
     output preservation on the empty prompt (for a full fine-tune, a frozen copy of the starting UNet
@@ -108,6 +110,7 @@ def flux_world(tmp_path_factory):
             "before": figures(base, placed), "plain_before": figures(base, plain)}
 
 
+@pytest.mark.long
 def test_flux_lora_recipe_learns_a_place_it_never_saw(flux_world):
     w = flux_world
     config = yaml.safe_load(demo.recipe_text("world-flux-place-lora.yaml"))
