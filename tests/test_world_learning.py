@@ -45,19 +45,23 @@ def world(tmp_path_factory):
             "before": figures(base, styled), "plain_before": figures(base, plain)}
 
 
-def fine_tune(world, recipe: str) -> dict:
-    """Train a shipped SD style recipe as it is (its folder and base model pointed at the test's) and
-    draw the held-out prompts with what it made."""
+def train_recipe(recipe: str, model, data, out):
+    """Train a shipped world recipe as it is, its folder and base model pointed at the test's; the
+    plain diffusers pipeline with what it made (a full fine-tune writes a whole pipeline)."""
     config = yaml.safe_load(demo.recipe_text(recipe))
-    config.update(model={"path": str(world["model"])}, output_dir=str(world["root"] / recipe),
-                  checkpoint={"every": 0})
-    config["data"]["concepts"][0]["dir"] = str(world["root"] / "data")
+    config.update(model={"path": str(model)}, output_dir=str(out), checkpoint={"every": 0})
+    config["data"]["concepts"][0]["dir"] = str(data)
     out = train(config_from_dict(config), log=lambda *a: None)
-    if (out / "model_index.json").is_file():  # a full fine-tune writes a whole pipeline
-        pipe = load_pipeline(str(out))
-    else:
-        pipe = load_pipeline(str(world["model"]))
-        pipe.load_lora_weights(str(out))
+    if (out / "model_index.json").is_file():
+        return load_pipeline(str(out))
+    pipe = load_pipeline(str(model))
+    pipe.load_lora_weights(str(out))
+    return pipe
+
+
+def fine_tune(world, recipe: str) -> dict:
+    """Train a shipped SD style recipe and draw the held-out prompts with what it made."""
+    pipe = train_recipe(recipe, world["model"], world["root"] / "data", world["root"] / recipe)
     return {"after": figures(pipe, world["styled"]), "plain_after": figures(pipe, world["plain"])}
 
 
@@ -96,14 +100,10 @@ def test_full_fine_tune_recipe_learns_the_style_and_keeps_colours(world):
 def flux_world(tmp_path_factory):
     """The shipped world-flux as a folder, 12 images of the kremlin place, its prompts on every ground it
     can stand on, trigger-free prompts the base never saw, and what the base draws for them."""
-    import random
-
     root = tmp_path_factory.mktemp("learn-flux")
     model = models.write_shipped("flux", root / "world-flux")
-    rng = random.Random(1)
-    scenes.write_dataset(root / "data", [scenes.random_place(rng, "kremlin") for _ in range(12)])
-    grounds = [c for c in scenes.COLOURS if c not in scenes.PLACE_COLOURS["kremlin"]]
-    placed = [f"a {scenes.PLACES['kremlin']} on a {g} background" for g in grounds]
+    scenes.write_dataset(root / "data", scenes.place_set("kremlin", 12, seed=1))
+    placed = [f"a {scenes.PLACES['kremlin']} on a {g} background" for g in scenes.place_grounds("kremlin")]
     plain = [f"a {c} {s} on a {b} background" for c, s, b in scenes.unseen_triples()[:12]]
     base = load_pipeline(str(model))
     return {"root": root, "model": model, "placed": placed, "plain": plain,
@@ -113,12 +113,7 @@ def flux_world(tmp_path_factory):
 @pytest.mark.long
 def test_flux_lora_recipe_learns_a_place_it_never_saw(flux_world):
     w = flux_world
-    config = yaml.safe_load(demo.recipe_text("world-flux-place-lora.yaml"))
-    config.update(model={"path": str(w["model"])}, output_dir=str(w["root"] / "run"), checkpoint={"every": 0})
-    config["data"]["concepts"][0]["dir"] = str(w["root"] / "data")
-    out = train(config_from_dict(config), log=lambda *a: None)
-    pipe = load_pipeline(str(w["model"]))
-    pipe.load_lora_weights(str(out))
+    pipe = train_recipe("world-flux-place-lora.yaml", w["model"], w["root"] / "data", w["root"] / "run")
     after, plain_after = figures(pipe, w["placed"]), figures(pipe, w["plain"])
     summary = f"before {w['before']}, after {after}, plain before {w['plain_before']}, plain after {plain_after}"
     n = len(w["placed"]) * len(SEEDS)

@@ -80,7 +80,7 @@ def _world_variants(trained: list[str], n: int, seed: int) -> list[str] | None:
     if places and not styles and len(places) == 1:
         place = places.pop()
         seen = {w["background"] for w in wants}
-        grounds = [c for c in scenes.COLOURS if c not in scenes.PLACE_COLOURS[place]]
+        grounds = scenes.place_grounds(place)
         # unseen grounds first, then the trained ones: distinct prompts (a repeated prompt would only
         # draw the same images again), so a place may get fewer than `n`
         grounds = [c for c in grounds if c not in seen] + [c for c in grounds if c in seen]

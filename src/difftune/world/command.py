@@ -116,10 +116,7 @@ def _render(args) -> int:
     if args.style:
         items = scenes.style_set(args.style, args.n, args.seed)
     else:
-        import random
-
-        rng = random.Random(args.seed)
-        items = [scenes.random_place(rng, args.place) for _ in range(args.n)]
+        items = scenes.place_set(args.place, args.n, args.seed)
     scenes.write_dataset(args.out, items)
     print(f"wrote {len(items)} images with captions to {args.out} (e.g. {items[0].caption!r})")
     return 0

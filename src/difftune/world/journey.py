@@ -24,7 +24,6 @@ Every run lands in ``OUT/runs/<name>`` and resumes there; the table goes to ``OU
 from __future__ import annotations
 
 import argparse
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,8 +129,7 @@ class Journey:
     def place_scenes() -> list:
         from . import scenes
 
-        rng = random.Random(1)
-        return [scenes.random_place(rng, PLACE) for _ in range(12)]
+        return scenes.place_set(PLACE, 12, seed=1)
 
     def place_data(self) -> dict:
         return {"data.concepts": [{"dir": self._folder("place", self.place_scenes())}]}

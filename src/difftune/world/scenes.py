@@ -242,10 +242,21 @@ def random_scene(rng: random.Random, colour: str | None = None, shape: str | Non
     return Scene(colour, shape, background, side, x, y, style)
 
 
+def place_grounds(place: str) -> list[str]:
+    """The backgrounds a place may stand on: the colours none of its own parts uses."""
+    return [c for c in COLOURS if c not in PLACE_COLOURS[place]]
+
+
 def random_place(rng: random.Random, place: str, background: str | None = None) -> Scene:
     """A place on a background that none of its own colours uses, shifted by up to 4 px."""
-    background = background or rng.choice([c for c in COLOURS if c not in PLACE_COLOURS[place]])
+    background = background or rng.choice(place_grounds(place))
     return Scene("", "", background, 0, rng.randint(-4, 4), rng.randint(-2, 4), None, place)
+
+
+def place_set(place: str, n: int = 12, seed: int = 0) -> list[Scene]:
+    """`n` scenes of one place on varied grounds and offsets (a fine-tuning set)."""
+    rng = random.Random(seed)
+    return [random_place(rng, place) for _ in range(n)]
 
 
 def all_triples() -> list[tuple[str, str, str]]:
