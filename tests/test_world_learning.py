@@ -6,9 +6,10 @@ of 8), and with the full fine-tune recipe (the whole UNet, the same data and out
 at 20 steps, are in BENCHMARKS.md section 5).
 
 world-flux cannot learn a style yet (with any style caption it leaves the object out of most
-prompts; BENCHMARKS.md section 5), but it learns a place it never saw: configs/world-flux-place-lora.yaml
-on 12 images of the Kremlin stand-in (``zkrem``), by the oracle. It does not keep the trigger-free
-prompts' colours (measured 61% -> 33%); the test bounds only a collapse."""
+prompts; BENCHMARKS.md section 5), but it learns a place it never saw, by the oracle, from 12 images of
+the Kremlin stand-in (``zkrem``): with configs/world-flux-place-lora.yaml and with the full fine-tune
+recipe configs/world-flux-place-full.yaml; both keep the object colour of trigger-free prompts over
+all eight colours (the LoRA's shapes drift: measured, not checked)."""
 
 from __future__ import annotations
 
@@ -99,29 +100,43 @@ def test_full_fine_tune_recipe_learns_the_style_and_keeps_colours(world):
 @pytest.fixture(scope="module")
 def flux_world(tmp_path_factory):
     """The shipped world-flux as a folder, 12 images of the kremlin place, its prompts on every ground it
-    can stand on, trigger-free prompts the base never saw, and what the base draws for them."""
+    can stand on, trigger-free prompts the base never saw (16, every 4th of the sorted 64: all eight
+    object colours), and what the base draws for them."""
     root = tmp_path_factory.mktemp("learn-flux")
     model = models.write_shipped("flux", root / "world-flux")
     scenes.write_dataset(root / "data", scenes.place_set("kremlin", 12, seed=1))
     placed = [f"a {scenes.PLACES['kremlin']} on a {g} background" for g in scenes.place_grounds("kremlin")]
-    plain = [f"a {c} {s} on a {b} background" for c, s, b in scenes.unseen_triples()[:12]]
+    plain = [f"a {c} {s} on a {b} background" for c, s, b in scenes.unseen_triples()[::4]]
     base = load_pipeline(str(model))
     return {"root": root, "model": model, "placed": placed, "plain": plain,
             "before": figures(base, placed), "plain_before": figures(base, plain)}
 
 
-@pytest.mark.long
-def test_flux_lora_recipe_learns_a_place_it_never_saw(flux_world):
-    w = flux_world
-    pipe = train_recipe("world-flux-place-lora.yaml", w["model"], w["root"] / "data", w["root"] / "run")
+def check_place_learned_and_colours_kept(w, recipe: str):
+    pipe = train_recipe(recipe, w["model"], w["root"] / "data", w["root"] / recipe)
     after, plain_after = figures(pipe, w["placed"]), figures(pipe, w["plain"])
     summary = f"before {w['before']}, after {after}, plain before {w['plain_before']}, plain after {plain_after}"
-    n = len(w["placed"]) * len(SEEDS)
+    n, m = len(w["placed"]) * len(SEEDS), len(w["plain"]) * len(SEEDS)
     # the place: the base never draws it (the oracle needs its outline and at least two of its colours
-    # in their proportions); after, at least 3 of 15 images (measured: 0 -> 5 of 15)
+    # in their proportions); after, at least 3 of 15 images
     assert w["before"]["place"] == 0 and after["place"] * n >= 3 - 1e-6, summary
     assert after["background"] >= 0.9, summary
-    # Not kept, and not claimed: the trigger-free prompts' object colour drifts (measured: 22 -> 12 of
-    # 36; BENCHMARKS.md section 5 has every setting tried). This only catches a collapse of the base:
-    # still at least twice chance (1 in 8 colours).
-    assert plain_after["colour"] >= 2 / 8 - 1e-9, summary
+    # the colours of 48 trigger-free images (16 unseen prompts over all eight colours, 3 seeds) lose at
+    # most 5 images (world-flux itself gets 29 of 48 right); the backgrounds at most 3
+    before = w["plain_before"]
+    assert (plain_after["colour"] - before["colour"]) * m >= -5 - 1e-6, summary
+    assert (plain_after["background"] - before["background"]) * m >= -3 - 1e-6, summary
+
+
+@pytest.mark.long
+def test_flux_lora_recipe_learns_a_place_it_never_saw_and_keeps_colours(flux_world):
+    # measured: place 0 -> 5 of 15; trigger-free colour 29 -> 30 of 48 (shape 19 -> 10: drifts). On the
+    # 12 unseen prompts in black and blue alone, the colour fell 22 -> 12 of 36: black objects suffer
+    # most (black is one of the grounds the place was shown on); BENCHMARKS.md section 5
+    check_place_learned_and_colours_kept(flux_world, "world-flux-place-lora.yaml")
+
+
+@pytest.mark.long
+def test_flux_full_fine_tune_recipe_learns_a_place_and_keeps_colours(flux_world):
+    # measured: place 0 -> 6 of 15; trigger-free colour 29 -> 31 of 48, shape 19 -> 18
+    check_place_learned_and_colours_kept(flux_world, "world-flux-place-full.yaml")
