@@ -63,7 +63,7 @@ def write_fake_peers(folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.long
+@pytest.mark.long(minutes=2)
 def test_tiny_gpu_suite_produces_every_row(tmp_path):
     from difftune.bench.suite import gpu_cases
 

@@ -111,7 +111,7 @@ def test_config_check_and_reference(tmp_path, tiny_sd):
     one_line_error(difftune("config", "check", str(cfg), "method.rank=-1"), "config")
 
 
-@pytest.mark.long
+@pytest.mark.long(minutes=1)
 def test_demo_runs_the_whole_journey(tmp_path):
     result = difftune("demo", "--out", str(tmp_path / "demo"), "--steps", "2")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -81,13 +81,13 @@ def check_learned_and_kept(world, result, least: int = 7, gain: int = 5):
     assert after["colour"] >= 0.5 and after["background"] >= 0.9, summary
 
 
-@pytest.mark.long
+@pytest.mark.long(minutes=2)
 def test_lora_recipe_learns_a_style_it_never_saw_and_keeps_colours(world):
     result = fine_tune(world, "world-sd-style-lora.yaml")
     check_learned_and_kept(world, result)  # measured: 1 -> 10 of 18
 
 
-@pytest.mark.long
+@pytest.mark.long(minutes=3.5)
 def test_full_fine_tune_recipe_learns_the_style_and_keeps_colours(world):
     """configs/world-sd-style-full.yaml: the whole UNet trained, with the LoRA recipe's data and its
     output preservation on the empty prompt (for a full fine-tune, a frozen copy of the starting UNet
@@ -128,7 +128,7 @@ def check_place_learned_and_colours_kept(w, recipe: str):
     assert (plain_after["background"] - before["background"]) * m >= -3 - 1e-6, summary
 
 
-@pytest.mark.long
+@pytest.mark.long(minutes=7)
 def test_flux_lora_recipe_learns_a_place_it_never_saw_and_keeps_colours(flux_world):
     # measured: place 0 -> 5 of 15; trigger-free colour 29 -> 30 of 48 (shape 19 -> 10: drifts). On the
     # 12 unseen prompts in black and blue alone, the colour fell 22 -> 12 of 36: black objects suffer
@@ -136,7 +136,7 @@ def test_flux_lora_recipe_learns_a_place_it_never_saw_and_keeps_colours(flux_wor
     check_place_learned_and_colours_kept(flux_world, "world-flux-place-lora.yaml")
 
 
-@pytest.mark.long
+@pytest.mark.long(minutes=6.5)
 def test_flux_full_fine_tune_recipe_learns_a_place_and_keeps_colours(flux_world):
     # measured: place 0 -> 6 of 15; trigger-free colour 29 -> 31 of 48, shape 19 -> 18
     check_place_learned_and_colours_kept(flux_world, "world-flux-place-full.yaml")
