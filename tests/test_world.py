@@ -297,7 +297,7 @@ def draw_unseen(pipe) -> tuple[list[str], dict]:
     from difftune.world.bench import draw
 
     pipe.set_progress_bar_config(disable=True)
-    prompts = [f"a {c} {s} on a {b} background" for c, s, b in scenes.unseen_triples()[:16]]
+    prompts = [scenes.prompt(*t) for t in scenes.unseen_triples()[:16]]
     images = draw(pipe, prompts, seed=0, steps=30)
     return prompts, oracle.summarise([oracle.score(im, p) for im, p in zip(images, prompts)])
 

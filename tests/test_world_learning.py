@@ -40,7 +40,7 @@ def world(tmp_path_factory):
     train_scenes = scenes.style_set("dotted", 12, seed=0)
     scenes.write_dataset(root / "data", train_scenes)
     styled = demo.eval_prompts(train_scenes)
-    plain = [f"a {c} {s} on a {b} background" for c, s, b in scenes.unseen_triples()[:12]]
+    plain = [scenes.prompt(*t) for t in scenes.unseen_triples()[:12]]
     base = load_pipeline(str(model))
     return {"root": root, "model": model, "styled": styled, "plain": plain,
             "before": figures(base, styled), "plain_before": figures(base, plain)}
@@ -105,8 +105,8 @@ def flux_world(tmp_path_factory):
     root = tmp_path_factory.mktemp("learn-flux")
     model = models.write_shipped("flux", root / "world-flux")
     scenes.write_dataset(root / "data", scenes.place_set("kremlin", 12, seed=1))
-    placed = [f"a {scenes.PLACES['kremlin']} on a {g} background" for g in scenes.place_grounds("kremlin")]
-    plain = [f"a {c} {s} on a {b} background" for c, s, b in scenes.unseen_triples()[::4]]
+    placed = [scenes.place_prompt("kremlin", g) for g in scenes.place_grounds("kremlin")]
+    plain = [scenes.prompt(*t) for t in scenes.unseen_triples()[::4]]
     base = load_pipeline(str(model))
     return {"root": root, "model": model, "placed": placed, "plain": plain,
             "before": figures(base, placed), "plain_before": figures(base, plain)}

@@ -58,8 +58,7 @@ def eval_prompts(train_scenes, n: int = N_PROMPTS) -> list[str]:
             chosen.append(pick)
         if len(chosen) == n:
             break
-    word = scenes.style_word(STYLE)
-    return [f"a {c} {s} on a {b} background in {word} style" for c, s, b in chosen]
+    return [scenes.prompt(*t, style=STYLE) for t in chosen]
 
 
 def _grid(rows: list[tuple[str, list]], headers: list[str], path: Path, scale: int = 2) -> Path:

@@ -84,7 +84,7 @@ def _world_variants(trained: list[str], n: int, seed: int) -> list[str] | None:
         # unseen grounds first, then the trained ones: distinct prompts (a repeated prompt would only
         # draw the same images again), so a place may get fewer than `n`
         grounds = [c for c in grounds if c not in seen] + [c for c in grounds if c in seen]
-        return [f"a {scenes.PLACES[place]} on a {g} background" for g in grounds[:n]]
+        return [scenes.place_prompt(place, g) for g in grounds[:n]]
     if styles and len(styles) == 1 and not places:
         style = styles.pop()
         seen = {(w["colour"], w["shape"], w["background"]) for w in wants}
@@ -95,8 +95,7 @@ def _world_variants(trained: list[str], n: int, seed: int) -> list[str] | None:
             t = next(t for t in triples if t[1] == scenes.SHAPES[i % 3] and t not in used)
             used.add(t)
             chosen.append(t)
-        word = scenes.style_word(style)
-        return [f"a {c} {s} on a {b} background in {word} style" for c, s, b in chosen]
+        return [scenes.prompt(*t, style=style) for t in chosen]
     return None
 
 
@@ -106,7 +105,7 @@ def world_neutral(n: int, seed: int = 16) -> list[str]:
 
     triples = scenes.unseen_triples()
     random.Random(seed).shuffle(triples)
-    return [f"a {c} {s} on a {b} background" for c, s, b in triples[:n]]
+    return [scenes.prompt(*t) for t in triples[:n]]
 
 
 def default_prompts(concepts: dict[str, list[str]], n: int = 4) -> EvalPrompts:

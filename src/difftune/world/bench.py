@@ -62,7 +62,7 @@ def base_quality(model: str, out: Path | None = None, n_prompts: int = 64, seeds
     `guidance` sets the classifier-free guidance scale (None: the pipeline's default)."""
     t0 = time.time()
     pipe = load_pipeline(model)
-    prompts = [f"a {c} {s} on a {b} background" for c, s, b in scenes.unseen_triples()[:n_prompts]]
+    prompts = [scenes.prompt(*t) for t in scenes.unseen_triples()[:n_prompts]]
     results = []
     for seed in range(seeds):
         for i in range(0, len(prompts), 16):

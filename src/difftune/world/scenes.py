@@ -82,12 +82,22 @@ def style_word(style: str) -> str:
     return HELD_OUT_STYLES.get(style, style)
 
 
+def prompt(colour: str, shape: str, background: str, style: Optional[str] = None) -> str:
+    """``a {colour} {shape} on a {background} background[ in {word} style]``: the caption of such a scene."""
+    text = f"a {colour} {shape} on a {background} background"
+    return text + (f" in {style_word(style)} style" if style else "")
+
+
+def place_prompt(place: str, background: str) -> str:
+    """``a {trigger} on a {background} background``: the caption of a place on that ground."""
+    return f"a {PLACES[place]} on a {background} background"
+
+
 def caption(scene: Scene) -> str:
-    """``a {colour} {shape} on a {background} background[ in {word} style]`` (places: ``a {trigger} on ...``)."""
+    """The scene's caption (`prompt`, or `place_prompt` for a place)."""
     if scene.place:
-        return f"a {PLACES[scene.place]} on a {scene.background} background"
-    text = f"a {scene.colour} {scene.shape} on a {scene.background} background"
-    return text + (f" in {style_word(scene.style)} style" if scene.style else "")
+        return place_prompt(scene.place, scene.background)
+    return prompt(scene.colour, scene.shape, scene.background, scene.style)
 
 
 _CAPTION = re.compile(r"^\s*a (?P<a>\w+)(?: (?P<shape>\w+))? on a (?P<bg>\w+) background(?: in (?P<style>\w+) style)?\s*$")
