@@ -235,21 +235,23 @@ def test_world_render_writes_a_captioned_style_folder(tmp_path):
     assert {oracle.analyse(p)["style"] for p in (tmp_path / "d").glob("*.png")} == {"outline"}
 
 
-def test_refining_stages_weight_the_steps_where_the_layout_is_decided(tmp_path):
-    """SD's refining stage weights the loss by min-SNR, FLUX's draws its timesteps logit-normal (more
-    weight on the middle of the schedule); the denoiser stage before them does neither."""
+def test_refining_stages_weight_the_layout_steps_or_feed_the_pipelines_t5_length(tmp_path):
+    """SD's refining stage weights the loss by min-SNR (the steps where the layout is decided); FLUX's
+    denoiser stage feeds the transformer 32 T5 tokens per caption (6x cheaper) and its refining stage the
+    512 that FluxPipeline feeds it by default, so the shipped model draws right with the pipeline's defaults."""
     from difftune.config import config_from_dict
     from difftune.world.pretrain import PLANS, denoiser_config, refine_stage
 
-    def objective(plan):
-        return config_from_dict(denoiser_config(tmp_path, tmp_path, tmp_path / "run", plan, 0)).objective
+    def config(plan):
+        return config_from_dict(denoiser_config(tmp_path, tmp_path, tmp_path / "run", plan, 0))
 
     for family in ("sd", "flux"):
-        first = objective(PLANS[family])
+        first = config(PLANS[family]).objective
         assert first.min_snr_gamma is None and first.timestep_sampling == "uniform"
-    assert objective(refine_stage(PLANS["sd"])).min_snr_gamma == 5.0
-    flux = objective(refine_stage(PLANS["flux"]))
-    assert flux.timestep_sampling == "logit_normal" and flux.min_snr_gamma is None
+    assert config(refine_stage(PLANS["sd"])).objective.min_snr_gamma == 5.0
+    assert config(PLANS["flux"]).model.options == {"max_sequence_length": 32}
+    assert config(refine_stage(PLANS["flux"])).model.options == {"max_sequence_length": 512}
+    assert config(PLANS["sd"]).model.options == {} == config(refine_stage(PLANS["sd"])).model.options
 
 
 def test_pretrain_runs_every_stage_writes_a_pipeline_and_resumes(tmp_path):
@@ -314,13 +316,13 @@ def test_shipped_world_sd_draws_the_ground_colour_and_shape_asked_for_in_plain_d
     assert summary["shape"] >= 0.875, summary
 
 
-def test_shipped_world_flux_draws_the_ground_and_reads_the_object_colour_from_t5_in_plain_diffusers():
-    """The shipped world-flux, loaded by plain diffusers with its defaults, draws the asked ground on 16
-    prompts it never saw, and the object's colour far more often than chance (a seventh), though still
-    short of the issue's goal (BENCHMARKS.md section 5: background 100%, colour 63.3%, shape 39.8% on the
-    64-prompt, 2-seed benchmark; here 16, 13 and 9 of 16). And it reads the prompt's T5 tokens: another
-    prompt's T5 embeddings change its prediction by 32% (the first world-flux ignored T5: 0.5%, and drew
-    the ground 14 of 16 times and the colour 6)."""
+def test_shipped_world_flux_draws_the_ground_and_the_object_colour_from_t5_in_plain_diffusers():
+    """The shipped world-flux, loaded by plain diffusers with its defaults (512 T5 tokens, no guidance),
+    draws the asked ground and object colour on 16 prompts it never saw; the shape still only about as
+    often as chance (BENCHMARKS.md section 5: background 100%, colour 86.7%, shape 38.3% on the 64-prompt,
+    2-seed benchmark; here 16, 14 and 7 of 16; the shape is not asked). And it reads the prompt's T5
+    tokens: another prompt's T5 embeddings change its prediction by 100% (the first world-flux ignored T5:
+    0.5%, and drew the ground 14 of 16 times and the colour 6)."""
     import torch
     from diffusers import FluxPipeline
 
@@ -328,8 +330,7 @@ def test_shipped_world_flux_draws_the_ground_and_reads_the_object_colour_from_t5
 
     pipe = FluxPipeline.from_pretrained(models.shipped("flux"))
     prompts, summary = draw_unseen(pipe)
-    assert summary["background"] >= 15 / 16 and summary["colour"] >= 10 / 16, summary
-    assert summary["shape"] >= 7 / 16, summary  # chance: a third
+    assert summary["background"] >= 15 / 16 and summary["colour"] >= 12 / 16, summary  # colour by chance: 1/7
 
     with torch.no_grad():
         embeds, pooled, text_ids = pipe.encode_prompt(prompts[:4], prompt_2=None, max_sequence_length=512)
@@ -341,7 +342,7 @@ def test_shipped_world_flux_draws_the_ground_and_reads_the_object_colour_from_t5
                                     encoder_hidden_states=t5, txt_ids=text_ids, img_ids=image_ids).sample
 
         own, other = predict(embeds), predict(embeds.roll(1, 0))
-    assert (own - other).abs().mean() > 0.1 * own.abs().mean()
+    assert (own - other).abs().mean() > 0.3 * own.abs().mean()
 
 
 def test_world_bench_command_writes_figures_at_a_chosen_guidance(tmp_path):

@@ -5,8 +5,9 @@ Sizes are set by what trains in well under an hour on two *shared* CPU cores: SD
 0.95M parameters (4x down, 4 latent channels: 16x16x4 latents), a 1.5M-parameter UNet and a 2-layer
 CLIP text encoder; FLUX a VAE with 4x down and 16 latent channels (16x16x16 latents, 8x8 = 64 packed
 tokens), a transformer of 1 double- and 2 single-stream blocks (4 heads of 32: hidden 128), CLIP and a
-2-layer T5 encoder whose attention is made local (`local_attention`). FLUX pays for its 512 T5 tokens
-(FluxPipeline's default ``max_sequence_length``), which it must see in training too. Text encoders
+2-layer T5 encoder whose attention is made local (`local_attention`). FluxPipeline feeds the transformer
+512 T5 tokens (its default ``max_sequence_length``), nearly all padding and 6x the cost of 32: pretraining
+trains with 32 and refines with 512 (`pretrain.PLANS`). Text encoders
 (FLUX: CLIP; its T5 stays random and frozen) are trained with the denoiser in pretraining and frozen in fine-tunes: the
 tokenizers are byte-level (CLIP byte-level BPE; T5 SentencePiece with every printable ASCII character
 as a piece), so any trigger word a user invents has an encoding.
@@ -66,7 +67,7 @@ def write_shipped(family: str, out: str | Path) -> Path:
 WORDS = (*scenes.COLOURS, *scenes.SHAPES, *scenes.HELD_IN_STYLES, "on", "background", "in", "style")
 #: words the world T5's SentencePiece keeps whole (user-defined pieces): corpus frequency alone left
 #: "circle", "square" and "background" in pieces, and each piece's vector then carried little of the word.
-#: With them whole, world-flux's object colour rose from 44.5% to 63.3% (BENCHMARKS.md section 5).
+#: With them whole, world-flux's object colour rose from 44.5% to 63.3% (fourteenth session; BENCHMARKS.md section 5).
 T5_WHOLE_WORDS = (*scenes.COLOURS, *scenes.SHAPES, *scenes.HELD_IN_STYLES, "background", "style")
 
 
@@ -238,6 +239,7 @@ def write_card(out: Path, family: str, meta: dict, timings: dict, note: str = ""
     minutes = {k.replace("_seconds", "").replace("_this_run", " (this run)"): round(v / 60, 1)
                for k, v in timings.items()}
     refine_flag, weighting = "", ""
+    tokens = f", {meta['text_tokens']} T5 tokens per caption" if meta.get("text_tokens") else ""
     if meta.get("refine_steps"):
         refine_flag = f" --refine-steps {meta['refine_steps']}"
         snr = meta.get("refine_min_snr_gamma")
@@ -245,7 +247,8 @@ def write_card(out: Path, family: str, meta: dict, timings: dict, note: str = ""
                      f"{meta['refine_lr']:g} on {meta['images']} fresh scenes"
                      + (f", min-SNR loss weighting (gamma {snr:g})" if snr else "")
                      + (f", timesteps drawn {meta['refine_timesteps'].replace('_', '-')}"
-                        if meta.get("refine_timesteps") else ""))
+                        if meta.get("refine_timesteps") else "")
+                     + (f", {meta['refine_text_tokens']} T5 tokens per caption" if meta.get("refine_text_tokens") else ""))
     text = f"""---
 library_name: diffusers
 pipeline_tag: text-to-image
@@ -264,7 +267,7 @@ Made by `difftune world pretrain {family} OUT --vae-steps {meta['vae_steps']} --
 2 CPU cores: a VAE stage ({meta['vae_steps']} steps of {meta['vae_batch']} images: world scenes and
 random textures), then an ordinary difftune full fine-tune of the random-initialised denoiser
 ({meta['denoiser_steps']} steps of {meta['batch']} images, {meta['images']} rendered scenes, 10% caption
-dropout, lr {meta['lr']}, cosine{weighting}). {CARD_NOTES[family]} Fine-tunes freeze the text encoders; tokenizers: byte-level; CLIP's holds the world's own words (colours, shapes, background, style) as whole tokens, and any new trigger word splits into pieces.
+dropout, lr {meta['lr']}, cosine{tokens}{weighting}). {CARD_NOTES[family]} Fine-tunes freeze the text encoders; tokenizers: byte-level; CLIP's holds the world's own words (colours, shapes, background, style) as whole tokens, and any new trigger word splits into pieces.
 Wall time in minutes: {json.dumps(minutes)}. Weights stored in float16.
 {note}
 
