@@ -5,8 +5,8 @@ of 8), and with the full fine-tune recipe (the whole UNet, the same data and out
 3e-4, 300 steps); drawn by the plain diffusers pipeline at its default guidance, 12 steps (the demo's figures,
 at 20 steps, are in BENCHMARKS.md section 5).
 
-world-flux cannot learn a style yet (with any style caption it leaves the object out of most
-prompts; BENCHMARKS.md section 5), but it learns a place it never saw, by the oracle, from 12 images of
+world-flux cannot learn a style yet (with any style caption it draws the object in pieces;
+BENCHMARKS.md section 5), but it learns a place it never saw, by the oracle, from 12 images of
 the Kremlin stand-in (``zkrem``): with configs/world-flux-place-lora.yaml and with the full fine-tune
 recipe configs/world-flux-place-full.yaml; both keep the object colour of trigger-free prompts over
 all eight colours (shapes: measured, not checked)."""
