@@ -56,7 +56,7 @@ PLANS = {
     # FluxPipeline always feeds it. With the local T5 every padding token far from the words has the same
     # vector, and FLUX gives all text tokens one position, so more padding only weighs one repeated key more;
     # the transformer step is 6x cheaper (0.1 against 0.61 s at batch 16), and 4x the steps on twice the scenes
-    # took the object colour from 63% to 87% (shape 40% -> 38%), 27 min in all (BENCHMARKS.md section 5).
+    # took the object colour from 63% to 87% (shape 40% -> 38%), 22.8 min from scratch (BENCHMARKS.md section 5).
     # The earlier refining stage (800 steps of 32 at 512 tokens, logit-normal timesteps) did not help.
     "flux": {"vae_steps": 1500, "vae_batch": 16, "denoiser_steps": 8000, "batch": 16, "lr": 1e-3, "images": 8000,
              "text_tokens": 32, "refine_steps": 600, "refine_lr": 3e-4, "refine_batch": 16, "refine_text_tokens": 512},
@@ -202,9 +202,11 @@ def denoiser_config(skeleton: Path, data: Path, run: Path, plan: dict, seed: int
     """The difftune training config of the denoiser stage (plain data, as a YAML file would hold it).
 
     The text encoders train alongside (FLUX: CLIP only; training T5 too with ``model.options.train_t5``
-    was measured: no better, at 3x the time per step, BENCHMARKS.md section 5)."""
+    was measured: no better, at 3x the time per step, BENCHMARKS.md section 5). A plan's ``text_tokens``
+    sets FLUX's T5 sequence length for the stage (``model.options.max_sequence_length``)."""
+    tokens = {"options": {"max_sequence_length": plan["text_tokens"]}} if plan.get("text_tokens") else {}
     return {
-        "model": {"path": str(skeleton), **({"options": {"max_sequence_length": n}} if (n := plan.get("text_tokens")) else {})},
+        "model": {"path": str(skeleton), **tokens},
         "method": {"kind": "full", "train_text_encoder": True},
         "data": {"resolution": scenes.SIZE, "concepts": [{"dir": str(data), "caption_dropout": 0.1}]},
         "train": {"steps": plan["denoiser_steps"], "batch_size": plan["batch"], "lr": plan["lr"],
