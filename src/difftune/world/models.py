@@ -246,8 +246,6 @@ def write_card(out: Path, family: str, meta: dict, timings: dict, note: str = ""
         weighting = (f"; then refined: {meta['refine_steps']} more steps of {meta['refine_batch']} images at lr "
                      f"{meta['refine_lr']:g} on {meta['images']} fresh scenes"
                      + (f", min-SNR loss weighting (gamma {snr:g})" if snr else "")
-                     + (f", timesteps drawn {meta['refine_timesteps'].replace('_', '-')}"
-                        if meta.get("refine_timesteps") else "")
                      + (f", {meta['refine_text_tokens']} T5 tokens per caption" if meta.get("refine_text_tokens") else ""))
     text = f"""---
 library_name: diffusers

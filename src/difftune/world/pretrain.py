@@ -221,19 +221,16 @@ def denoiser_config(skeleton: Path, data: Path, run: Path, plan: dict, seed: int
 def refine_stage(plan: dict) -> dict:
     """The refining stage's plan: the denoiser stage's, with the ``refine_*`` settings in its place."""
     return {**plan, "denoiser_steps": plan["refine_steps"], "lr": plan["refine_lr"], "batch": plan["refine_batch"],
-            "min_snr_gamma": plan.get("refine_min_snr_gamma"), "timesteps": plan.get("refine_timesteps"),
+            "min_snr_gamma": plan.get("refine_min_snr_gamma"),
             "text_tokens": plan.get("refine_text_tokens")}
 
 
 def stage_objective(plan: dict) -> dict:
-    """The objective settings a stage changes: min-SNR loss weighting (SD's refining stage), or how
-    timesteps are drawn (a plan's ``timesteps`` / ``refine_timesteps``, e.g. ``logit_normal``: tried on
-    FLUX's refining stage, no gain)."""
+    """The objective settings a stage changes: min-SNR loss weighting (SD's refining stage). Logit-normal
+    timesteps for FLUX's refining stage were tried and dropped (no gain; BENCHMARKS.md section 5)."""
     objective = {}
     if plan.get("min_snr_gamma"):
         objective["min_snr_gamma"] = plan["min_snr_gamma"]
-    if plan.get("timesteps"):
-        objective["timestep_sampling"] = plan["timesteps"]
     return objective
 
 
